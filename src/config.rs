@@ -1,0 +1,313 @@
+//! The whole configuration, from `SYNC_*` environment variables (DESIGN.md §5).
+//!
+//! Parsed once at start and validated as a whole: every bad variable is reported together,
+//! by name, and a secret's value never appears in a message. URLs that can carry passwords
+//! (`SYNC_SQL_URL`, `SYNC_REDIS_URLS`) and every librdkafka passthrough are `Secret`s.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::batch::BatchLimits;
+
+/// A value that redacts itself in `Debug` and `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Replaces `user:password@` with `user:***@` in a URL; text without it is returned as is.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|index| index + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end], user, &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub dlq_topic: String,
+    /// librdkafka properties from `SYNC_KAFKA_OPT_*`, e.g. `security.protocol`.
+    pub passthrough: BTreeMap<String, Secret>,
+    pub commit_interval: Duration,
+    pub revoke_deadline: Duration,
+    pub memory_budget_bytes: u64,
+    pub max_item_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Redis Cluster seed nodes; empty means no L2.
+    pub redis_urls: Vec<Secret>,
+    pub redis_prefix: String,
+    pub redis_ttl_secs: u64,
+    /// `mysql://…` or `sqlite://…`; `None` means no L3.
+    pub sql_url: Option<Secret>,
+    pub sql_table: String,
+    pub batch: BatchLimits,
+    pub l1_max_bytes: u64,
+    pub wal_dir: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub engine: EngineConfig,
+    pub metrics_addr: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Every bad variable, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .problems.iter().map(|(name, why)| format!("  {name}: {why}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<(String, String)>,
+}
+
+/// Reads variables and collects problems instead of stopping at the first.
+struct Reader<'a> {
+    vars: &'a BTreeMap<String, String>,
+    problems: Vec<(String, String)>,
+}
+
+impl Reader<'_> {
+    fn text(&mut self, name: &str, default: &str) -> String {
+        self.vars.get(name).cloned().unwrap_or_else(|| default.to_owned())
+    }
+
+    fn required(&mut self, name: &str) -> String {
+        match self.vars.get(name).filter(|value| !value.trim().is_empty()) {
+            Some(value) => value.clone(),
+            None => {
+                self.problems.push((name.into(), "required".into()));
+                String::new()
+            }
+        }
+    }
+
+    fn number<T: FromStr + Copy + PartialOrd + fmt::Display>(&mut self, name: &str, default: T, min: T, max: T) -> T {
+        let Some(raw) = self.vars.get(name) else { return default };
+        match raw.trim().parse::<T>() {
+            Ok(value) if value >= min && value <= max => value,
+            _ => {
+                self.problems.push((name.into(), format!("expected a number in {min}..={max}, got {raw:?}")));
+                default
+            }
+        }
+    }
+
+    fn problem(&mut self, name: &str, why: impl Into<String>) {
+        self.problems.push((name.into(), why.into()));
+    }
+}
+
+pub fn comma_list(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|part| !part.is_empty()).map(String::from).collect()
+}
+
+/// An identifier we interpolate into SQL: letters, digits, underscore, 1..=64.
+pub fn is_sql_identifier(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_vars(std::env::vars().filter(|(name, _)| name.starts_with("SYNC_")).collect())
+    }
+
+    pub fn from_vars(vars: BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let mut r = Reader { vars: &vars, problems: Vec::new() };
+        let topics = comma_list(&r.required("SYNC_KAFKA_TOPICS"));
+        let sql_url = r.required("SYNC_SQL_URL");
+        if !sql_url.is_empty() && !(sql_url.starts_with("mysql://") || sql_url.starts_with("sqlite:")) {
+            r.problem("SYNC_SQL_URL", "expected mysql://… or sqlite:… (value not shown)");
+        }
+        let redis_urls: Vec<Secret> = comma_list(&r.text("SYNC_REDIS_URLS", "")).into_iter().map(Secret).collect();
+        if redis_urls.iter().any(|url| !(url.0.starts_with("redis://") || url.0.starts_with("rediss://"))) {
+            r.problem("SYNC_REDIS_URLS", "every entry must start with redis:// or rediss:// (values not shown)");
+        }
+        let sql_table = r.text("SYNC_SQL_TABLE", "sync_items");
+        if !is_sql_identifier(&sql_table) {
+            r.problem("SYNC_SQL_TABLE", "expected 1..=64 letters, digits or underscores");
+        }
+        let redis_prefix = r.text("SYNC_REDIS_PREFIX", "sync:");
+        if redis_prefix.len() > 64 || redis_prefix.chars().any(char::is_control) {
+            r.problem("SYNC_REDIS_PREFIX", "expected at most 64 bytes and no control characters");
+        }
+        let log_format = match r.text("SYNC_LOG_FORMAT", "text").as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                r.problem("SYNC_LOG_FORMAT", format!("expected text or json, got {other:?}"));
+                LogFormat::Text
+            }
+        };
+        let metrics_addr = r.text("SYNC_METRICS_ADDR", "0.0.0.0:9090");
+        let metrics_addr = metrics_addr.parse().unwrap_or_else(|_| {
+            r.problem("SYNC_METRICS_ADDR", format!("expected host:port, got {metrics_addr:?}"));
+            SocketAddr::from(([0, 0, 0, 0], 9090))
+        });
+        let passthrough = vars
+            .iter()
+            .filter_map(|(name, value)| {
+                let property = name.strip_prefix("SYNC_KAFKA_OPT_")?;
+                Some((property.to_ascii_lowercase().replace('_', "."), Secret(value.clone())))
+            })
+            .collect();
+        let batch = BatchLimits {
+            max_items: r.number("SYNC_BATCH_MAX_ITEMS", 1000, 1, 100_000),
+            max_bytes: r.number("SYNC_BATCH_MAX_BYTES", 8 << 20, 1024, 1 << 30),
+            max_delay: Duration::from_millis(r.number("SYNC_BATCH_MAX_DELAY_MS", 50, 0, 60_000)),
+        };
+        let session_timeout_ms: u64 = r.number("SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS", 45_000, 1, 3_600_000);
+        let revoke_deadline_ms = r.number("SYNC_REVOKE_DEADLINE_MS", 5_000, 1, 3_600_000);
+        if revoke_deadline_ms >= session_timeout_ms {
+            r.problem("SYNC_REVOKE_DEADLINE_MS", "must be below session.timeout.ms");
+        }
+        let kafka = KafkaConfig {
+            brokers: r.text("SYNC_KAFKA_BROKERS", "127.0.0.1:9092"),
+            topics,
+            group_id: r.text("SYNC_KAFKA_GROUP_ID", "sync-engine"),
+            dlq_topic: r.text("SYNC_DLQ_TOPIC", "sync-dlq"),
+            passthrough,
+            commit_interval: Duration::from_millis(r.number("SYNC_COMMIT_INTERVAL_MS", 1_000, 10, 600_000)),
+            revoke_deadline: Duration::from_millis(revoke_deadline_ms),
+            memory_budget_bytes: r.number("SYNC_MEMORY_BUDGET_BYTES", 256 << 20, 4 << 20, 64 * GIB),
+            max_item_bytes: r.number("SYNC_MAX_ITEM_BYTES", 1 << 20, 1, 64 << 20),
+        };
+        if kafka.max_item_bytes as u64 * 4 > kafka.memory_budget_bytes {
+            r.problem("SYNC_MEMORY_BUDGET_BYTES", "must hold at least four items of SYNC_MAX_ITEM_BYTES");
+        }
+        let engine = EngineConfig {
+            redis_urls,
+            redis_prefix,
+            redis_ttl_secs: r.number("SYNC_REDIS_TTL_SECS", 0, 0, crate::decode::MAX_TTL_SECS),
+            sql_url: Some(Secret(sql_url)),
+            sql_table,
+            batch,
+            l1_max_bytes: r.number("SYNC_L1_MAX_BYTES", 64 << 20, 0, 64 * GIB),
+            wal_dir: PathBuf::from(r.text("SYNC_WAL_DIR", "/var/lib/sync-engine/wal")),
+        };
+        let config = Config {
+            kafka,
+            engine,
+            metrics_addr,
+            shutdown_grace: Duration::from_millis(r.number("SYNC_SHUTDOWN_GRACE_MS", 30_000, 100, 3_600_000)),
+            log_format,
+        };
+        if r.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems: r.problems })
+        }
+    }
+}
+
+impl EngineConfig {
+    /// An engine with no L2 and no L3 configured (tests and embedding fill in what they need).
+    pub fn in_memory() -> EngineConfig {
+        EngineConfig {
+            redis_urls: Vec::new(),
+            redis_prefix: "sync:".into(),
+            redis_ttl_secs: 0,
+            sql_url: None,
+            sql_table: "sync_items".into(),
+            batch: BatchLimits { max_items: 1000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) },
+            l1_max_bytes: 64 << 20,
+            wal_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_minimal_environment_parses_with_defaults() {
+        let config = Config::from_vars(vars(&[
+            ("SYNC_KAFKA_TOPICS", "a, b"),
+            ("SYNC_SQL_URL", "mysql://u:pw@h/db"),
+            ("SYNC_KAFKA_OPT_SECURITY_PROTOCOL", "SASL_SSL"),
+        ]))
+        .unwrap();
+        assert_eq!(config.kafka.topics, vec!["a", "b"]);
+        assert_eq!(config.engine.batch.max_items, 1000);
+        assert_eq!(config.kafka.passthrough["security.protocol"].expose(), "SASL_SSL");
+    }
+
+    #[test]
+    fn every_bad_variable_is_named_and_no_secret_is_printed() {
+        let error = Config::from_vars(vars(&[
+            ("SYNC_SQL_URL", "postgres://u:hunter2@h/db"),
+            ("SYNC_REDIS_URLS", "http://:hunter3@h"),
+            ("SYNC_BATCH_MAX_ITEMS", "lots"),
+            ("SYNC_SQL_TABLE", "x; drop"),
+        ]))
+        .unwrap_err();
+        let message = error.to_string();
+        for name in ["SYNC_KAFKA_TOPICS", "SYNC_SQL_URL", "SYNC_REDIS_URLS", "SYNC_BATCH_MAX_ITEMS", "SYNC_SQL_TABLE"] {
+            assert!(message.contains(name), "{name} missing from {message}");
+        }
+        assert!(!message.contains("hunter"), "{message}");
+    }
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        assert_eq!(redact_url("mysql://root:pw@127.0.0.1:3306/test"), "mysql://root:***@127.0.0.1:3306/test");
+        assert_eq!(redact_url("redis://127.0.0.1:7000"), "redis://127.0.0.1:7000");
+        assert_eq!(format!("{:?}", Secret::new("pw")), "Secret(***)");
+    }
+}

@@ -1,0 +1,107 @@
+use super::*;
+use proptest::prelude::*;
+
+const LIMITS: DecodeLimits = DecodeLimits { max_item_bytes: 16 };
+
+fn record(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&str, &[u8])]) -> RawRecord {
+    RawRecord {
+        topic: Arc::from("items"),
+        partition: 2,
+        offset: 40,
+        timestamp_ms: Some(1_000),
+        key: key.map(Bytes::copy_from_slice),
+        value: value.map(Bytes::copy_from_slice),
+        headers: headers
+            .iter()
+            .map(|(name, value)| (name.to_string(), Some(Bytes::copy_from_slice(value))))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_plain_record_decodes_with_timestamp_version_and_defaults() {
+    let (item, options) = decode(&record(Some(b"a.b"), Some(b"{\"x\":1}"), &[]), LIMITS).unwrap();
+    assert_eq!(item.id, "a.b");
+    assert_eq!(item.version, 1_000);
+    assert_eq!(item.content_type, ContentType::Json);
+    assert_eq!(item.origin.unwrap().offset, 40);
+    assert_eq!(options, SubmitOptions::default());
+}
+
+#[test]
+fn headers_set_version_type_ttl_and_tiers() {
+    let headers: &[(&str, &[u8])] = &[
+        ("sync-version", b"18446744073709551615"),
+        ("sync-content-type", b"binary"),
+        ("sync-ttl-secs", b"0"),
+        ("sync-tiers", b"l1,l3"),
+        ("unknown", b"ignored"),
+    ];
+    let (item, options) = decode(&record(Some(b"k"), Some(b"[1]"), headers), LIMITS).unwrap();
+    assert_eq!(item.version, u64::MAX);
+    assert_eq!(item.content_type, ContentType::Binary);
+    assert_eq!(options.redis_ttl, CacheTtl::Forever);
+    assert_eq!(options.tiers, Tiers { l1: true, l2: false, l3: true });
+}
+
+#[test]
+fn a_null_value_or_delete_op_is_a_tombstone() {
+    let (item, _) = decode(&record(Some(b"k"), None, &[]), LIMITS).unwrap();
+    assert!(item.is_tombstone());
+    let (item, _) = decode(&record(Some(b"k"), Some(b"x"), &[("sync-op", b"delete")]), LIMITS).unwrap();
+    assert!(item.is_tombstone());
+}
+
+#[test]
+fn bad_input_is_sorted_into_reasons() {
+    let cases: Vec<(RawRecord, &str)> = vec![
+        (record(None, Some(b"x"), &[]), "missing_key"),
+        (record(Some(b""), Some(b"x"), &[]), "invalid_key"),
+        (record(Some(&[0xff, 0xfe]), Some(b"x"), &[]), "invalid_key"),
+        (record(Some(b"a\nb"), Some(b"x"), &[]), "invalid_key"),
+        (record(Some(&[b'a'; 256]), Some(b"x"), &[]), "invalid_key"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-version", b"-1")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-version", b"+1")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-version", b"18446744073709551616")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-op", b"merge")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-content-type", b"xml")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-ttl-secs", b"99999999999")]), "bad_header"),
+        (record(Some(b"k"), Some(b"x"), &[("sync-tiers", b"l9")]), "bad_header"),
+        (record(Some(b"k"), Some(b"{oops"), &[("sync-content-type", b"json")]), "invalid_json"),
+        (record(Some(b"k"), Some(&[7u8; 17]), &[]), "oversize"),
+    ];
+    for (input, code) in cases {
+        assert_eq!(decode(&input, LIMITS).unwrap_err().code(), code, "{input:?}");
+    }
+}
+
+#[test]
+fn ids_of_255_bytes_with_sql_metacharacters_and_unicode_are_accepted() {
+    let mut id = String::from("'; DROP TABLE x; -- \"é✓");
+    while id.len() < 255 {
+        id.push('z');
+    }
+    assert!(decode(&record(Some(id.as_bytes()), Some(b"x"), &[]), LIMITS).is_ok());
+    assert!(decode(&record(Some(b"k"), Some(&[1u8; 16]), &[]), LIMITS).is_ok());
+}
+
+#[test]
+fn no_version_and_no_timestamp_is_dead_lettered() {
+    let mut input = record(Some(b"k"), Some(b"x"), &[]);
+    input.timestamp_ms = None;
+    assert_eq!(decode(&input, LIMITS).unwrap_err(), DeadLetterReason::MissingVersion);
+}
+
+proptest! {
+    #[test]
+    fn decoding_never_panics(
+        key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        header_value in proptest::collection::vec(any::<u8>(), 0..30),
+        header_index in 0usize..6,
+    ) {
+        let names = ["sync-version", "sync-op", "sync-content-type", "sync-ttl-secs", "sync-tiers", "x"];
+        let input = record(key.as_deref(), value.as_deref(), &[(names[header_index], &header_value)]);
+        let _ = decode(&input, LIMITS);
+    }
+}

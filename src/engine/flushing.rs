@@ -1,0 +1,196 @@
+//! The flush task: writes one batch at a time to L2 and L3, then settles its items.
+//!
+//! Per batch: the newest version of each id is written (older ones in the same batch are
+//! superseded, which the stores' guards would make a no-op anyway), L2 and L3 concurrently.
+//! L3 is the ground truth: an L3 write is retried while L3 is unavailable, and a batch L3
+//! rejects is split into single items so only the offending ones are rejected (and then
+//! dead-lettered by the worker), in their original order. An L2 failure does not hold back
+//! items that also go to L3; items whose last tier is L2 are retried until L2 takes them.
+//! Batches are written one after the other, so a later batch never overtakes an earlier one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::batching::Batch;
+use super::{Pending, SettleError, SettleResult, Stores, Tier};
+use crate::item::SyncItem;
+use crate::metrics as m;
+use crate::storage::StoreError;
+
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(mut batch_rx: mpsc::Receiver<Batch>, stores: Arc<Stores>, aborting: CancellationToken) {
+    while let Some(batch) = batch_rx.recv().await {
+        if !batch.items.is_empty() {
+            metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
+            write_batch(&stores, batch.items, &aborting).await;
+        }
+        if let Some(done) = batch.done {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &CancellationToken) {
+    let to_l3: Vec<(usize, &Pending)> =
+        batch.iter().enumerate().filter(|(_, p)| p.options.tiers.l3 && stores.l3.is_some()).collect();
+    let to_l2: Vec<&Pending> = batch.iter().filter(|p| p.options.tiers.l2 && stores.l2.is_some()).collect();
+    let (l3_results, l2_failed) = tokio::join!(write_l3(stores, &to_l3, aborting), write_l2(stores, &to_l2, aborting));
+    for (index, pending) in batch.into_iter().enumerate() {
+        let result = settle_result(stores, &pending, l3_results.get(&index), &l2_failed);
+        if let Ok(tier) = &result {
+            metrics::counter!(m::ITEMS_SETTLED, "tier" => tier.as_str()).increment(1);
+        }
+        let _ = pending.ack.send(result);
+    }
+}
+
+/// The outcome of one item, from its last tier.
+fn settle_result(
+    stores: &Stores,
+    pending: &Pending,
+    l3_rejection: Option<&SettleError>,
+    l2_failed: &Option<SettleError>,
+) -> SettleResult {
+    let tiers = pending.options.tiers;
+    if tiers.l3 && stores.l3.is_some() {
+        return l3_rejection.map_or(Ok(Tier::L3), |error| Err(error.clone()));
+    }
+    if tiers.l2 && stores.l2.is_some() {
+        return l2_failed.as_ref().map_or(Ok(Tier::L2), |error| Err(error.clone()));
+    }
+    Ok(Tier::L1)
+}
+
+/// The newest item per id, sorted by id (a stable lock order for concurrent writers).
+fn newest_per_id<'a>(pending: impl Iterator<Item = &'a Pending>) -> Vec<&'a SyncItem> {
+    let mut newest: HashMap<&str, &SyncItem> = HashMap::new();
+    for item in pending.map(|p| p.item.as_ref()) {
+        newest
+            .entry(item.id.as_str())
+            .and_modify(|kept| {
+                if item.supersedes(kept) {
+                    *kept = item;
+                }
+            })
+            .or_insert(item);
+    }
+    let mut items: Vec<&SyncItem> = newest.into_values().collect();
+    items.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    items
+}
+
+/// Writes to L3; returns the batch positions of the items that did not settle, and why.
+async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &CancellationToken) -> HashMap<usize, SettleError> {
+    let Some(l3) = &stores.l3 else { return HashMap::new() };
+    if to_l3.is_empty() {
+        return HashMap::new();
+    }
+    let started = Instant::now();
+    let items = newest_per_id(to_l3.iter().map(|(_, p)| *p));
+    let mut backoff = RETRY_FIRST;
+    let outcome = loop {
+        match l3.write_batch(&items).await {
+            Err(StoreError::Unavailable(error)) => {
+                metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "L3 unavailable, retrying batch");
+                if !sleep_or_abort(&mut backoff, aborting).await {
+                    break abandon_all(to_l3);
+                }
+            }
+            Err(StoreError::Rejected(error)) => {
+                tracing::warn!(%error, items = items.len(), "L3 rejected a batch, writing its items one by one");
+                break write_l3_one_by_one(stores, to_l3, aborting).await;
+            }
+            Ok(()) => break HashMap::new(),
+        }
+    };
+    metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l3").record(started.elapsed().as_secs_f64());
+    outcome
+}
+
+/// Isolates rejected items: every item alone, in batch order (not deduplicated, so an older
+/// valid version still lands when a newer one is rejected).
+async fn write_l3_one_by_one(
+    stores: &Stores,
+    to_l3: &[(usize, &Pending)],
+    aborting: &CancellationToken,
+) -> HashMap<usize, SettleError> {
+    let Some(l3) = &stores.l3 else { return HashMap::new() };
+    let mut rejected = HashMap::new();
+    for (position, (index, pending)) in to_l3.iter().enumerate() {
+        let mut backoff = RETRY_FIRST;
+        loop {
+            match l3.write_batch(&[pending.item.as_ref()]).await {
+                Ok(()) => break,
+                Err(StoreError::Rejected(error)) => {
+                    metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "rejected").increment(1);
+                    rejected.insert(*index, SettleError::Rejected(error));
+                    break;
+                }
+                Err(StoreError::Unavailable(error)) => {
+                    metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
+                    tracing::warn!(%error, "L3 unavailable, retrying item");
+                    if !sleep_or_abort(&mut backoff, aborting).await {
+                        rejected.extend(abandon_all(&to_l3[position..]));
+                        return rejected;
+                    }
+                }
+            }
+        }
+    }
+    rejected
+}
+
+fn abandon_all(to_l3: &[(usize, &Pending)]) -> HashMap<usize, SettleError> {
+    to_l3.iter().map(|(index, _)| (*index, SettleError::Abandoned)).collect()
+}
+
+/// Writes to L2. Failures are logged and counted; if any item ends at L2, the failed ids
+/// are retried until they succeed (or the engine aborts, returning the error).
+async fn write_l2(stores: &Stores, to_l2: &[&Pending], aborting: &CancellationToken) -> Option<SettleError> {
+    let l2 = stores.l2.as_ref()?;
+    if to_l2.is_empty() {
+        return None;
+    }
+    let started = Instant::now();
+    let ttl = |p: &Pending| p.options.redis_ttl.resolve_secs(stores.redis_ttl_secs);
+    let ttl_by_id: HashMap<&str, u64> = to_l2.iter().map(|p| (p.item.id.as_str(), ttl(p))).collect();
+    let mut items: Vec<(&SyncItem, u64)> =
+        newest_per_id(to_l2.iter().copied()).into_iter().map(|item| (item, ttl_by_id[item.id.as_str()])).collect();
+    let ends_at_l2 = to_l2.iter().any(|p| !(p.options.tiers.l3 && stores.l3.is_some()));
+    let mut backoff = RETRY_FIRST;
+    let outcome = loop {
+        let failed = l2.write_batch(&items).await;
+        if failed.is_empty() {
+            break None;
+        }
+        metrics::counter!(m::STORE_ERRORS, "tier" => "l2", "kind" => "unavailable").increment(failed.len() as u64);
+        tracing::warn!(failed = failed.len(), error = %failed[0].1, "L2 write failed");
+        if !ends_at_l2 {
+            break None;
+        }
+        if !sleep_or_abort(&mut backoff, aborting).await {
+            break Some(SettleError::Abandoned);
+        }
+        items.retain(|(item, _)| failed.iter().any(|(id, _)| *id == item.id));
+    };
+    metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l2").record(started.elapsed().as_secs_f64());
+    outcome
+}
+
+/// Sleeps the backoff (doubling it, with jitter); false if the engine is aborting.
+async fn sleep_or_abort(backoff: &mut Duration, aborting: &CancellationToken) -> bool {
+    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+    let sleep = *backoff + jitter;
+    *backoff = (*backoff * 2).min(RETRY_MAX);
+    tokio::select! {
+        _ = aborting.cancelled() => false,
+        _ = tokio::time::sleep(sleep) => true,
+    }
+}

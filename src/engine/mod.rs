@@ -1,0 +1,267 @@
+//! `SyncEngine`: the library's front door. Submit items, read them back, delete them.
+//!
+//! The life of a submitted item: `enqueue` validates it, writes it to L1 (version-guarded),
+//! and queues it with a settle acknowledgement. The batch task (`batching.rs`) groups queued
+//! items by count, bytes and age; the flush task (`flushing.rs`) writes each batch to L2 and
+//! L3 concurrently, one batch at a time, and then resolves every item's acknowledgement with
+//! the tier that made it durable. The Kafka worker awaits these acknowledgements to know what
+//! it may commit; library users simply await `submit`.
+//!
+//! Reads go L1 → L2 → L3 and fill the faster tiers on a hit. Shutdown closes the queue,
+//! flushes what was accepted, and waits for the flush to finish: nothing accepted is lost.
+
+mod batching;
+mod flushing;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::L1Cache;
+use crate::config::EngineConfig;
+use crate::item::{now_ms, SyncItem};
+use crate::options::SubmitOptions;
+use crate::storage::redis::RedisStore;
+use crate::storage::sql::SqlStore;
+use crate::storage::StoreError;
+
+/// The tier that made an item durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    L1,
+    L2,
+    L3,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::L1 => "l1",
+            Tier::L2 => "l2",
+            Tier::L3 => "l3",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettleError {
+    /// The store refuses this item's content: the caller should dead-letter it.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The engine stopped before the item became durable; it was not written.
+    #[error("engine stopped before the item settled")]
+    Abandoned,
+}
+
+pub type SettleResult = Result<Tier, SettleError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine is not started")]
+    NotStarted,
+    #[error("engine is shutting down")]
+    ShuttingDown,
+    #[error("invalid item: {0}")]
+    InvalidItem(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Settle(#[from] SettleError),
+}
+
+/// Resolves when the item is settled.
+pub struct SettleReceipt(oneshot::Receiver<SettleResult>);
+
+impl Future for SettleReceipt {
+    type Output = SettleResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SettleResult> {
+        Pin::new(&mut self.0).poll(cx).map(|result| result.unwrap_or(Err(SettleError::Abandoned)))
+    }
+}
+
+/// What the queue carries to the batch task.
+enum Queued {
+    Item(Pending),
+    /// Close the open batch now; answer once everything before it has settled.
+    Flush(oneshot::Sender<()>),
+}
+
+struct Pending {
+    item: Arc<SyncItem>,
+    options: SubmitOptions,
+    ack: oneshot::Sender<SettleResult>,
+}
+
+/// The connected tiers below L1.
+pub(crate) struct Stores {
+    pub l2: Option<RedisStore>,
+    pub l3: Option<SqlStore>,
+    pub redis_ttl_secs: u64,
+}
+
+pub struct SyncEngine {
+    config: EngineConfig,
+    config_rx: watch::Receiver<EngineConfig>,
+    l1: L1Cache,
+    stores: Option<Arc<Stores>>,
+    queue_tx: Option<mpsc::Sender<Queued>>,
+    /// Graceful stop: close the queue, flush, finish.
+    stopping: CancellationToken,
+    /// Hard stop: give up retrying an unavailable store.
+    aborting: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl SyncEngine {
+    /// `config_rx` carries live updates: batch limits are re-read for every batch.
+    pub fn new(config: EngineConfig, config_rx: watch::Receiver<EngineConfig>) -> SyncEngine {
+        SyncEngine {
+            l1: L1Cache::new(config.l1_max_bytes),
+            config,
+            config_rx,
+            stores: None,
+            queue_tx: None,
+            stopping: CancellationToken::new(),
+            aborting: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Connects L2 and L3 (running L3 migrations) and starts the batch and flush tasks.
+    pub async fn start(&mut self) -> Result<(), EngineError> {
+        let l2 = if self.config.redis_urls.is_empty() {
+            None
+        } else {
+            let urls: Vec<String> = self.config.redis_urls.iter().map(|url| url.expose().to_owned()).collect();
+            Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?)
+        };
+        let l3 = match &self.config.sql_url {
+            Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
+            None => None,
+        };
+        let stores = Arc::new(Stores { l2, l3, redis_ttl_secs: self.config.redis_ttl_secs });
+        // Two batches may wait while one is written: enough to overlap batching with writing.
+        let (queue_tx, queue_rx) = mpsc::channel(self.config.batch.max_items.max(1) * 2);
+        let (batch_tx, batch_rx) = mpsc::channel(2);
+        self.tasks.spawn(batching::run(queue_rx, batch_tx, self.config_rx.clone(), self.stopping.clone()));
+        self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
+        self.tasks.close();
+        self.stores = Some(stores);
+        self.queue_tx = Some(queue_tx);
+        Ok(())
+    }
+
+    /// Writes to L1 and queues the item; the receipt resolves once it is settled.
+    pub async fn enqueue(&self, item: SyncItem, options: SubmitOptions) -> Result<SettleReceipt, EngineError> {
+        let queue_tx = self.queue_tx.as_ref().ok_or(EngineError::NotStarted)?;
+        if self.stopping.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        crate::decode::validate_id(item.id.as_bytes()).map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
+        let item = Arc::new(item);
+        if options.tiers.l1 {
+            self.l1.put_if_newer(item.clone()).await;
+        }
+        let (ack, receipt) = oneshot::channel();
+        let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
+        let below_l1 = (options.tiers.l2 && stores.l2.is_some()) || (options.tiers.l3 && stores.l3.is_some());
+        if !below_l1 {
+            metrics::counter!(crate::metrics::ITEMS_SETTLED, "tier" => "l1").increment(1);
+            let _ = ack.send(Ok(Tier::L1));
+            return Ok(SettleReceipt(receipt));
+        }
+        queue_tx.send(Queued::Item(Pending { item, options, ack })).await.map_err(|_| EngineError::ShuttingDown)?;
+        Ok(SettleReceipt(receipt))
+    }
+
+    /// Submits with default options and waits until the item is settled.
+    pub async fn submit(&self, item: SyncItem) -> Result<Tier, EngineError> {
+        self.submit_with(item, SubmitOptions::default()).await
+    }
+
+    pub async fn submit_with(&self, item: SyncItem, options: SubmitOptions) -> Result<Tier, EngineError> {
+        Ok(self.enqueue(item, options).await?.await?)
+    }
+
+    /// Deletes with a versioned tombstone newer than anything seen for the id.
+    pub async fn delete(&self, id: &str) -> Result<Tier, EngineError> {
+        let current = self.get_any(id).await?.map_or(0, |item| item.version);
+        self.submit(SyncItem::tombstone(id, now_ms().max(current.saturating_add(1)))).await
+    }
+
+    /// The live item (a deleted id reads as `None`), from the fastest tier that has it.
+    pub async fn get(&self, id: &str) -> Result<Option<Arc<SyncItem>>, EngineError> {
+        Ok(self.get_any(id).await?.filter(|item| !item.is_tombstone()))
+    }
+
+    /// Like `get`, but a tombstone is returned too.
+    async fn get_any(&self, id: &str) -> Result<Option<Arc<SyncItem>>, EngineError> {
+        if let Some(item) = self.l1.get(id).await {
+            return Ok(Some(item));
+        }
+        let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
+        if let Some(l2) = &stores.l2 {
+            match l2.get(id).await {
+                Ok(Some(item)) => {
+                    let item = Arc::new(item);
+                    self.l1.put_if_newer(item.clone()).await;
+                    return Ok(Some(item));
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "L2 read failed, falling back to L3"),
+            }
+        }
+        let Some(l3) = &stores.l3 else { return Ok(None) };
+        let Some(item) = l3.get(id).await? else { return Ok(None) };
+        let item = Arc::new(item);
+        if let Some(l2) = &stores.l2 {
+            // A failed fill only costs a later L3 read.
+            for (id, error) in l2.write_batch(&[(&item, stores.redis_ttl_secs)]).await {
+                tracing::warn!(id, %error, "L2 fill after an L3 read failed");
+            }
+        }
+        self.l1.put_if_newer(item.clone()).await;
+        Ok(Some(item))
+    }
+
+    /// Resolves once everything enqueued before the call has settled.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let queue_tx = self.queue_tx.as_ref().ok_or(EngineError::NotStarted)?;
+        let (done_tx, done_rx) = oneshot::channel();
+        queue_tx.send(Queued::Flush(done_tx)).await.map_err(|_| EngineError::ShuttingDown)?;
+        done_rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Drops L1 entries of revoked partitions: another pod owns those ids now.
+    pub fn drop_partitions_from_l1(&self, partitions: Vec<(Arc<str>, i32)>) {
+        self.l1.drop_partitions(partitions);
+    }
+
+    /// Stops accepting, flushes everything accepted, and waits. If a store stays unavailable
+    /// past `grace`, unsettled items are abandoned (their acknowledgements say so, so a
+    /// Kafka worker does not commit them and they are redelivered).
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.stopping.cancel();
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!("engine flush exceeded the grace period, abandoning unsettled items");
+            self.aborting.cancel();
+            self.tasks.wait().await;
+        }
+        if let Some(stores) = &self.stores {
+            if let Some(l3) = &stores.l3 {
+                l3.close().await;
+            }
+        }
+    }
+
+    /// The SQL tier, for verification tools.
+    pub fn l3(&self) -> Option<&SqlStore> {
+        self.stores.as_ref().and_then(|stores| stores.l3.as_ref())
+    }
+}

@@ -1,0 +1,55 @@
+//! sync-engine: a Kafka → L1 (moka) → L2 (Redis Cluster) → L3 (MySQL/SQLite) ingestion worker.
+//!
+//! # Module map
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `config` | the `SYNC_*` env-var config tree, validated as a whole; `Secret` |
+//! | `item` | `SyncItem`, `ContentType`, `Origin`, the newest-wins ordering |
+//! | `options` | `SubmitOptions` (tiers, `CacheTtl`) |
+//! | `decode` | one Kafka record → item + options, or a dead-letter reason (pure) |
+//! | `batch` | the hybrid batcher: count, bytes, age (pure, time passed in) |
+//! | `pressure` | memory budget and pause/resume decisions (pure) |
+//! | `cache` | L1 over moka, bounded by bytes, version-guarded |
+//! | `storage` | L2 (`redis`) and L3 (`sql`: MySQL and SQLite), version-guarded writes |
+//! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch and flush tasks |
+//! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
+//! | `metrics` | every metric name, `/metrics`, `/health/live`, `/health/ready` |
+//! | `demo`, `produce` | the embedded demo and the load generator behind the CLI |
+//!
+//! # Glossary
+//!
+//! - **item**: one id with a version and content bytes, or a versioned tombstone.
+//! - **origin**: the topic, partition and offset an item was read from; breaks version ties.
+//! - **settled**: durable in its last tier (L3 committed, or L2/L1 for items routed without
+//!   L3), or acknowledged by the dead-letter topic.
+//! - **committable**: the offset after the highest contiguous settled offset of a partition.
+//!
+//! # The life of one message
+//!
+//! 1. `kafka::consumer` polls librdkafka on its own thread and sends each record, converted
+//!    to our `RawRecord`, to the worker; it pauses partitions when bytes in flight pass the
+//!    high watermark and keeps polling.
+//! 2. `kafka::worker` tracks the offset, decodes the record (`decode`), and either enqueues
+//!    the item in the engine or sends the record to the dead-letter topic (`kafka::dlq`).
+//! 3. `engine` writes the item to L1, batches it, writes the batch to L2 and L3, and
+//!    acknowledges it with the tier that made it durable.
+//! 4. The worker marks the offset settled; `kafka::offsets` advances the partition's
+//!    contiguous watermark, and the consumer thread commits it.
+
+pub mod batch;
+pub mod cache;
+pub mod config;
+pub mod decode;
+pub mod engine;
+pub mod item;
+pub mod kafka;
+pub mod metrics;
+pub mod options;
+pub mod pressure;
+pub mod storage;
+
+pub use config::{Config, EngineConfig};
+pub use engine::{EngineError, SettleError, SettleReceipt, SyncEngine, Tier};
+pub use item::{ContentType, Origin, SyncItem};
+pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};

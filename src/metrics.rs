@@ -1,0 +1,133 @@
+//! Every metric, declared in one place, and the `/metrics`, `/health/live`, `/health/ready`
+//! HTTP endpoint.
+//!
+//! Names follow Prometheus conventions: `sync_<name>_<unit>[_total]`. Code records through the
+//! constants below, so a metric's name lives here only. The endpoint is a deliberately tiny
+//! HTTP/1.0 responder (GET only, request head capped at 8 KiB): it serves three fixed paths
+//! and pulls in no web framework. Nothing secret is ever a label.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const RECORDS_CONSUMED: &str = "sync_records_consumed_total";
+pub const ITEMS_SETTLED: &str = "sync_items_settled_total";
+pub const DEAD_LETTERED: &str = "sync_dead_lettered_total";
+pub const BATCH_ITEMS: &str = "sync_batch_items";
+pub const FLUSH_SECONDS: &str = "sync_flush_duration_seconds";
+pub const SETTLE_LATENCY_SECONDS: &str = "sync_settle_latency_seconds";
+pub const CONSUMER_LAG: &str = "sync_consumer_lag_records";
+pub const PAUSED_PARTITIONS: &str = "sync_paused_partitions";
+pub const BYTES_IN_FLIGHT: &str = "sync_bytes_in_flight_bytes";
+pub const MEMORY_BUDGET: &str = "sync_memory_budget_bytes";
+pub const STORE_ERRORS: &str = "sync_store_errors_total";
+pub const OFFSETS_COMMITTED: &str = "sync_offsets_committed_total";
+pub const COMMIT_ERRORS: &str = "sync_commit_errors_total";
+pub const REBALANCES: &str = "sync_rebalances_total";
+pub const PAUSES: &str = "sync_partition_pauses_total";
+
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BATCH_BUCKETS: [f64; 10] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+
+/// Installs the global recorder once (later calls return the first handle) and describes
+/// every metric.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+                .and_then(|builder| builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_ITEMS.into()), &BATCH_BUCKETS))
+                .and_then(|builder| builder.install_recorder().map_err(Into::into));
+            let handle = match handle {
+                Ok(handle) => handle,
+                // Another recorder is installed (embedding app): render an empty local one.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(RECORDS_CONSUMED, "Kafka records received by the worker, by topic");
+    describe_counter!(ITEMS_SETTLED, "Items settled, by the tier that made them durable (l1, l2, l3)");
+    describe_counter!(DEAD_LETTERED, "Records acknowledged by the dead-letter topic, by reason code");
+    describe_histogram!(BATCH_ITEMS, "Items per flushed batch");
+    describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Time to write one batch, by tier");
+    describe_histogram!(SETTLE_LATENCY_SECONDS, Unit::Seconds, "Kafka record timestamp to settled");
+    describe_gauge!(CONSUMER_LAG, "High watermark minus committed offset, by topic and partition");
+    describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
+    describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
+    describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "The configured memory budget for unsettled records");
+    describe_counter!(STORE_ERRORS, "Failed writes or reads, by tier and kind (unavailable, rejected)");
+    describe_counter!(OFFSETS_COMMITTED, "Offset commits sent to Kafka");
+    describe_counter!(COMMIT_ERRORS, "Offset commits Kafka refused");
+    describe_counter!(REBALANCES, "Rebalance events, by kind (assign, revoke, lost)");
+    describe_counter!(PAUSES, "Times the worker paused its partitions for memory pressure");
+}
+
+/// Readiness: set once the worker is connected and consuming.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves the endpoint until `stop` is cancelled.
+pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, readiness: Readiness, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => { tracing::warn!(%error, "metrics endpoint accept failed"); continue; }
+                },
+            };
+            let handle = handle.clone();
+            let readiness = readiness.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 8192];
+                let mut read = 0;
+                while read < head.len() && !head[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut head[read..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                }
+                let request = String::from_utf8_lossy(&head[..read]);
+                let path = request.split_whitespace().nth(1).unwrap_or("");
+                let (status, body) = match path {
+                    "/metrics" => ("200 OK", handle.render()),
+                    "/health/live" => ("200 OK", "ok\n".to_owned()),
+                    "/health/ready" if readiness.is_ready() => ("200 OK", "ready\n".to_owned()),
+                    "/health/ready" => ("503 Service Unavailable", "not ready\n".to_owned()),
+                    _ => ("404 Not Found", "not found\n".to_owned()),
+                };
+                let response = format!(
+                    "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,27 @@
+//! The storage tiers behind L1: L2 (Redis Cluster, `redis.rs`) and L3 (MySQL or SQLite,
+//! `sql.rs`). Library types stop here: the rest of the crate sees `SyncItem`s and `StoreError`.
+
+pub mod redis;
+pub mod sql;
+mod sql_mysql;
+mod sql_sqlite;
+
+/// Why a write or read failed, sorted for the caller (invariant 4).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Infrastructure trouble: retry, never dead-letter.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store refuses this content: dead-letter the item.
+    #[error("store rejected the item: {0}")]
+    Rejected(String),
+}
+
+/// One stored row, as read back for verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowSummary {
+    pub id: String,
+    pub version: u64,
+    pub content_hash: [u8; 32],
+    pub deleted: bool,
+}

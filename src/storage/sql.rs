@@ -1,0 +1,152 @@
+//! L3: MySQL or SQLite, one schema, version-guarded multi-row upserts (invariant 2).
+//!
+//! A batch is written in one transaction, as multi-row upserts in chunks of a few fixed
+//! sizes (so prepared statements are reused) and under a byte cap (so a statement stays
+//! under `max_allowed_packet`). The guard lives in SQL: a row changes only when the incoming
+//! version is higher, or equal with a later offset of the same topic-partition. Deletes are
+//! rows with `deleted = 1` and no content, so an older upsert replayed later cannot
+//! resurrect them. The table name comes from config and is validated as an identifier
+//! before it is ever interpolated; every value is a bound parameter.
+
+use std::time::Duration;
+
+use crate::item::SyncItem;
+use crate::storage::{sql_mysql, sql_sqlite, RowSummary, StoreError};
+
+/// Rows per statement, largest first; a batch is cut greedily into these sizes.
+pub const CHUNK_SIZES: [usize; 4] = [500, 100, 10, 1];
+/// Bytes of content per statement, well under MariaDB's default 16 MiB max_allowed_packet.
+pub const CHUNK_MAX_BYTES: usize = 4 << 20;
+
+pub enum SqlStore {
+    MySql(sql_mysql::MySqlStore),
+    Sqlite(sql_sqlite::SqliteStore),
+}
+
+impl SqlStore {
+    /// Connects and runs the migrations. `url` is `mysql://…` or `sqlite:…`.
+    pub async fn connect(url: &str, table: &str) -> Result<SqlStore, StoreError> {
+        if !crate::config::is_sql_identifier(table) {
+            return Err(StoreError::Rejected(format!("invalid table name {table:?}")));
+        }
+        let store = if url.starts_with("mysql://") {
+            SqlStore::MySql(sql_mysql::MySqlStore::connect(url, table).await?)
+        } else if url.starts_with("sqlite:") {
+            SqlStore::Sqlite(sql_sqlite::SqliteStore::connect(url, table).await?)
+        } else {
+            return Err(StoreError::Rejected("unsupported SQL URL scheme".into()));
+        };
+        Ok(store)
+    }
+
+    /// Writes a batch in one transaction. Items must be deduplicated by id by the caller.
+    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.write_batch(items).await,
+            SqlStore::Sqlite(store) => store.write_batch(items).await,
+        }
+    }
+
+    /// The stored item (a tombstone comes back with `content: None`).
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.get(id).await,
+            SqlStore::Sqlite(store) => store.get(id).await,
+        }
+    }
+
+    /// Every row's id, version, hash and tombstone flag (verification and the demo's check).
+    pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.summaries().await,
+            SqlStore::Sqlite(store) => store.summaries().await,
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            SqlStore::MySql(store) => store.close().await,
+            SqlStore::Sqlite(store) => store.close().await,
+        }
+    }
+}
+
+/// Cuts `items` into chunks of the fixed sizes, each under the byte cap.
+pub fn chunks<'a, 'b>(items: &'b [&'a SyncItem]) -> Vec<&'b [&'a SyncItem]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let fits = CHUNK_SIZES
+            .iter()
+            .copied()
+            .find(|&size| size <= rest.len() && content_bytes(&rest[..size]) <= CHUNK_MAX_BYTES)
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(fits);
+        out.push(chunk);
+        rest = tail;
+    }
+    out
+}
+
+fn content_bytes(items: &[&SyncItem]) -> usize {
+    items.iter().map(|item| item.size_bytes()).sum()
+}
+
+/// `(?, ?, …), (?, …)` for `rows` rows of `columns` placeholders.
+pub fn placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+pub const COLUMNS: &str =
+    "id, version, content, content_type, content_hash, deleted, updated_at_ms, origin_topic, origin_partition, origin_offset";
+pub const COLUMN_COUNT: usize = 10;
+/// Columns an upsert assigns, in an order where `version` comes last (MySQL applies
+/// assignments left to right and the guard reads `version` and the origin).
+pub const ASSIGNED: [&str; 9] = [
+    "content",
+    "content_type",
+    "content_hash",
+    "deleted",
+    "updated_at_ms",
+    "origin_topic",
+    "origin_partition",
+    "origin_offset",
+    "version",
+];
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn classify(error: sqlx::Error) -> StoreError {
+    match &error {
+        // SQLSTATE class 22 (data exception) and 23 (integrity) are about the row itself.
+        sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")) => {
+            StoreError::Rejected(db.message().to_owned())
+        }
+        _ => StoreError::Unavailable(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn chunks_use_fixed_sizes_and_keep_every_item_once() {
+        let item = SyncItem::new("a", Bytes::from_static(b"x"));
+        let items: Vec<&SyncItem> = std::iter::repeat(&item).take(623).collect();
+        let sizes: Vec<usize> = chunks(&items).iter().map(|chunk| chunk.len()).collect();
+        assert_eq!(sizes, vec![500, 100, 10, 10, 1, 1, 1]);
+        assert_eq!(sizes.iter().sum::<usize>(), 623);
+    }
+
+    #[test]
+    fn chunks_stay_under_the_byte_cap() {
+        let item = SyncItem::new("a", Bytes::from(vec![0u8; 1 << 20]));
+        let items: Vec<&SyncItem> = std::iter::repeat(&item).take(12).collect();
+        for chunk in chunks(&items) {
+            assert!(content_bytes(chunk) <= CHUNK_MAX_BYTES || chunk.len() == 1);
+        }
+    }
+}

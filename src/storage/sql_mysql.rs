@@ -1,0 +1,163 @@
+//! L3 on MySQL/MariaDB. See `sql.rs` for the guard and chunking rules.
+//!
+//! MariaDB has no `AS new` row alias, so the guard reads incoming values with `VALUES()`.
+
+use bytes::Bytes;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{ConnectOptions, Row};
+
+use crate::item::{now_ms, ContentType, Origin, SyncItem};
+use crate::storage::sql::{self, chunks, classify, placeholders, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::{RowSummary, StoreError};
+
+pub struct MySqlStore {
+    pool: MySqlPool,
+    table: String,
+}
+
+/// Migrations, in order; `{table}` is the validated table name.
+const MIGRATIONS: [(i64, &str); 1] = [(
+    1,
+    "CREATE TABLE IF NOT EXISTS {table} (
+        id VARBINARY(255) NOT NULL PRIMARY KEY,
+        version BIGINT UNSIGNED NOT NULL,
+        content LONGBLOB NULL,
+        content_type VARCHAR(16) NOT NULL,
+        content_hash BINARY(32) NOT NULL,
+        deleted TINYINT(1) NOT NULL,
+        updated_at_ms BIGINT UNSIGNED NOT NULL,
+        origin_topic VARCHAR(255) NULL,
+        origin_partition INT NULL,
+        origin_offset BIGINT NULL
+    ) ENGINE=InnoDB",
+)];
+
+const GUARD: &str = "VALUES(version) > version OR (VALUES(version) = version \
+    AND VALUES(origin_topic) = origin_topic AND VALUES(origin_partition) = origin_partition \
+    AND VALUES(origin_offset) > origin_offset)";
+
+impl MySqlStore {
+    pub async fn connect(url: &str, table: &str) -> Result<MySqlStore, StoreError> {
+        let options: MySqlConnectOptions = url.parse().map_err(|_| StoreError::Rejected("invalid mysql url".into()))?;
+        let options = options.disable_statement_logging();
+        let pool = MySqlPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(sql::CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(classify)?;
+        let store = MySqlStore { pool, table: table.to_owned() };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let ledger = format!("{}_migrations", self.table);
+        let create_ledger =
+            format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
+        sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
+        for (version, template) in MIGRATIONS {
+            let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+            if done.is_none() {
+                sqlx::query(&template.replace("{table}", &self.table)).execute(&self.pool).await.map_err(classify)?;
+                sqlx::query(&format!("INSERT IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
+                    .bind(version)
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert_sql(&self, rows: usize) -> String {
+        let assignments: Vec<String> =
+            ASSIGNED.iter().map(|column| format!("{column} = IF({GUARD}, VALUES({column}), {column})")).collect();
+        format!(
+            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+            self.table,
+            placeholders(rows, COLUMN_COUNT),
+            assignments.join(", ")
+        )
+    }
+
+    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+        let updated_at_ms = now_ms();
+        let mut transaction = self.pool.begin().await.map_err(classify)?;
+        for chunk in chunks(items) {
+            let statement = self.upsert_sql(chunk.len());
+            let mut query = sqlx::query(&statement);
+            for item in chunk {
+                let origin = item.origin.as_ref();
+                query = query
+                    .bind(item.id.as_bytes())
+                    .bind(item.version)
+                    .bind(item.content.as_deref())
+                    .bind(item.content_type.as_str())
+                    .bind(item.content_hash().to_vec())
+                    .bind(item.is_tombstone())
+                    .bind(updated_at_ms)
+                    .bind(origin.map(|o| o.topic.as_ref()))
+                    .bind(origin.map(|o| o.partition))
+                    .bind(origin.map(|o| o.offset));
+            }
+            query.execute(&mut *transaction).await.map_err(classify)?;
+        }
+        transaction.commit().await.map_err(classify)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
+        let statement = format!(
+            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset FROM {} WHERE id = ?",
+            self.table
+        );
+        let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
+        row.map(|row| item_from_row(&row)).transpose()
+    }
+
+    pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
+        let statement = format!("SELECT id, version, content_hash, deleted FROM {} ORDER BY id", self.table);
+        let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+                let hash: Vec<u8> = row.try_get("content_hash").map_err(classify)?;
+                Ok(RowSummary {
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    version: row.try_get("version").map_err(classify)?,
+                    content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
+                    deleted: row.try_get::<bool, _>("deleted").map_err(classify)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn item_from_row(row: &MySqlRow) -> Result<SyncItem, StoreError> {
+    let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+    let content: Option<Vec<u8>> = row.try_get("content").map_err(classify)?;
+    let content_type: String = row.try_get("content_type").map_err(classify)?;
+    let topic: Option<String> = row.try_get("origin_topic").map_err(classify)?;
+    let partition: Option<i32> = row.try_get("origin_partition").map_err(classify)?;
+    let offset: Option<i64> = row.try_get("origin_offset").map_err(classify)?;
+    let origin = match (topic, partition, offset) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
+        _ => None,
+    };
+    Ok(SyncItem {
+        id: String::from_utf8_lossy(&id).into_owned(),
+        version: row.try_get("version").map_err(classify)?,
+        content: content.map(Bytes::from),
+        content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
+        origin,
+    })
+}

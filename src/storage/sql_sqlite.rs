@@ -1,0 +1,174 @@
+//! L3 on SQLite, for a single node and the embedded demo. See `sql.rs` for the guard rules.
+//!
+//! SQLite integers are signed 64-bit: a version above `i64::MAX` is rejected (and so
+//! dead-lettered) rather than stored wrapped. One connection: SQLite has one writer, and
+//! `synchronous = FULL` because offsets are committed on this durability.
+
+use std::str::FromStr;
+
+use bytes::Bytes;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{ConnectOptions, Row};
+
+use crate::item::{now_ms, ContentType, Origin, SyncItem};
+use crate::storage::sql::{self, chunks, classify, placeholders, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::{RowSummary, StoreError};
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    table: String,
+}
+
+const MIGRATIONS: [(i64, &str); 1] = [(
+    1,
+    "CREATE TABLE IF NOT EXISTS {table} (
+        id BLOB NOT NULL PRIMARY KEY,
+        version INTEGER NOT NULL,
+        content BLOB NULL,
+        content_type TEXT NOT NULL,
+        content_hash BLOB NOT NULL,
+        deleted INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        origin_topic TEXT NULL,
+        origin_partition INTEGER NULL,
+        origin_offset INTEGER NULL
+    )",
+)];
+
+impl SqliteStore {
+    pub async fn connect(url: &str, table: &str) -> Result<SqliteStore, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|_| StoreError::Rejected("invalid sqlite url".into()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .disable_statement_logging();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(sql::CONNECT_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(classify)?;
+        let store = SqliteStore { pool, table: table.to_owned() };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let ledger = format!("{}_migrations", self.table);
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {ledger} (version INTEGER NOT NULL PRIMARY KEY, applied_at_ms INTEGER NOT NULL)"
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        for (version, template) in MIGRATIONS {
+            let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+            if done.is_none() {
+                sqlx::query(&template.replace("{table}", &self.table)).execute(&self.pool).await.map_err(classify)?;
+                sqlx::query(&format!("INSERT OR IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
+                    .bind(version)
+                    .bind(now_ms() as i64)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn upsert_sql(&self, rows: usize) -> String {
+        let table = &self.table;
+        let assignments: Vec<String> = ASSIGNED.iter().map(|column| format!("{column} = excluded.{column}")).collect();
+        format!(
+            "INSERT INTO {table} ({COLUMNS}) VALUES {} ON CONFLICT(id) DO UPDATE SET {} \
+             WHERE excluded.version > {table}.version OR (excluded.version = {table}.version \
+             AND excluded.origin_topic = {table}.origin_topic AND excluded.origin_partition = {table}.origin_partition \
+             AND excluded.origin_offset > {table}.origin_offset)",
+            placeholders(rows, COLUMN_COUNT),
+            assignments.join(", ")
+        )
+    }
+
+    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+        if let Some(item) = items.iter().find(|item| i64::try_from(item.version).is_err()) {
+            return Err(StoreError::Rejected(format!("version {} exceeds sqlite's signed 64-bit range", item.version)));
+        }
+        let updated_at_ms = now_ms() as i64;
+        let mut transaction = self.pool.begin().await.map_err(classify)?;
+        for chunk in chunks(items) {
+            let statement = self.upsert_sql(chunk.len());
+            let mut query = sqlx::query(&statement);
+            for item in chunk {
+                let origin = item.origin.as_ref();
+                query = query
+                    .bind(item.id.as_bytes())
+                    .bind(item.version as i64)
+                    .bind(item.content.as_deref())
+                    .bind(item.content_type.as_str())
+                    .bind(item.content_hash().to_vec())
+                    .bind(item.is_tombstone())
+                    .bind(updated_at_ms)
+                    .bind(origin.map(|o| o.topic.to_string()))
+                    .bind(origin.map(|o| o.partition))
+                    .bind(origin.map(|o| o.offset));
+            }
+            query.execute(&mut *transaction).await.map_err(classify)?;
+        }
+        transaction.commit().await.map_err(classify)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
+        let statement = format!(
+            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset FROM {} WHERE id = ?",
+            self.table
+        );
+        let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
+        row.map(|row| item_from_row(&row)).transpose()
+    }
+
+    pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
+        let statement = format!("SELECT id, version, content_hash, deleted FROM {} ORDER BY id", self.table);
+        let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+                let hash: Vec<u8> = row.try_get("content_hash").map_err(classify)?;
+                Ok(RowSummary {
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    version: row.try_get::<i64, _>("version").map_err(classify)? as u64,
+                    content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
+                    deleted: row.try_get::<bool, _>("deleted").map_err(classify)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn item_from_row(row: &SqliteRow) -> Result<SyncItem, StoreError> {
+    let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+    let content: Option<Vec<u8>> = row.try_get("content").map_err(classify)?;
+    let content_type: String = row.try_get("content_type").map_err(classify)?;
+    let topic: Option<String> = row.try_get("origin_topic").map_err(classify)?;
+    let partition: Option<i32> = row.try_get("origin_partition").map_err(classify)?;
+    let offset: Option<i64> = row.try_get("origin_offset").map_err(classify)?;
+    let origin = match (topic, partition, offset) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
+        _ => None,
+    };
+    Ok(SyncItem {
+        id: String::from_utf8_lossy(&id).into_owned(),
+        version: row.try_get::<i64, _>("version").map_err(classify)? as u64,
+        content: content.map(Bytes::from),
+        content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
+        origin,
+    })
+}
