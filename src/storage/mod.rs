@@ -1,6 +1,7 @@
 //! The storage tiers behind L1: L2 (Redis Cluster, `redis.rs`) and L3 (MySQL or SQLite,
 //! `sql.rs`). Library types stop here: the rest of the crate sees `SyncItem`s and `StoreError`.
 
+pub mod ceiling;
 pub mod redis;
 pub mod sql;
 mod sql_mysql;

@@ -1,0 +1,180 @@
+//! `sync-engine demo`: the main job on an embedded default, no services needed.
+//!
+//! An in-process Kafka (librdkafka's `MockCluster`), L3 on a SQLite file in a temp dir, no
+//! Redis. It produces a workload (updates, out-of-order versions, deletes, duplicates and a
+//! few poison records) while the real worker consumes it, then checks every id's final
+//! version and content hash in L3 against what was produced.
+//!
+//! The mock broker keeps at most 5 MiB per partition (hard-coded in librdkafka) and silently
+//! drops older records, so the producer stays at most `MAX_LEAD` records ahead of the worker.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::mocking::MockCluster;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EngineConfig, KafkaConfig, Secret};
+use crate::kafka::producer::{publish_all, ItemProducer};
+use crate::kafka::worker::{self, WorkerStats};
+use crate::storage::RowSummary;
+use crate::workload::{Workload, WorkloadSpec};
+use crate::SyncEngine;
+
+const TOPIC: &str = "demo-items";
+const DLQ_TOPIC: &str = "demo-dlq";
+const PARTITIONS: i32 = 8;
+/// Records produced ahead of consumption: ~1.5 MiB per partition at 1 KiB.
+const MAX_LEAD: u64 = 12_000;
+const CHUNK: u64 = 2_000;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 100_000)]
+    pub items: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub item_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub struct DemoSummary {
+    pub produced: u64,
+    pub stored: u64,
+    pub dead_lettered: u64,
+    pub poison_produced: u64,
+    pub ids_checked: usize,
+    pub mismatches: Vec<String>,
+    pub items_per_sec: f64,
+}
+
+pub fn progress_bar(total: u64, label: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    let template = format!("{label:>10} [{{bar:40}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic(TOPIC, PARTITIONS, 1)?;
+    cluster.create_topic(DLQ_TOPIC, 1, 1)?;
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let engine_config = EngineConfig {
+        sql_url: Some(Secret::new(format!("sqlite://{}", dir.path().join("demo.db").display()))),
+        wal_dir: dir.path().join("wal"),
+        ..EngineConfig::in_memory()
+    };
+    let mut engine = SyncEngine::new(engine_config.clone(), watch::channel(engine_config).1);
+    engine.start().await?;
+    let engine = Arc::new(engine);
+    let kafka = KafkaConfig {
+        brokers: brokers.clone(),
+        topics: vec![TOPIC.into()],
+        group_id: "sync-engine-demo".into(),
+        dlq_topic: DLQ_TOPIC.into(),
+        passthrough: Default::default(),
+        commit_interval: Duration::from_millis(200),
+        revoke_deadline: Duration::from_secs(5),
+        memory_budget_bytes: 64 << 20,
+        max_item_bytes: 64 << 10,
+    };
+    let stats = Arc::new(WorkerStats::default());
+    let stop = CancellationToken::new();
+    let worker_task = tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(30), stats.clone()));
+
+    let spec = WorkloadSpec {
+        count: args.items,
+        item_bytes: args.item_bytes,
+        key_space: (args.items / 3).max(1),
+        id_prefix: "demo.patient".into(),
+        delete_share: 0.05,
+        out_of_order_share: 0.10,
+        duplicate_share: 0.02,
+        poison_share: 0.001,
+        max_item_bytes: 64 << 10,
+        seed: args.seed,
+    };
+    let mut workload = Workload::new(spec);
+    let producer = ItemProducer::new(&brokers, TOPIC)?;
+    let bar = progress_bar(args.items, "settled", args.quiet);
+    let settled = |stats: &WorkerStats| stats.stored.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let mut produced = 0;
+    let mut poison_produced = 0;
+    while produced < args.items {
+        while produced.saturating_sub(stats.consumed.load(Ordering::Relaxed)) > MAX_LEAD {
+            bar.set_position(settled(&stats));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let chunk: Vec<_> = workload.by_ref().take(CHUNK as usize).collect();
+        poison_produced += chunk.iter().filter(|record| record.poison_reason.is_some()).count() as u64;
+        produced += chunk.len() as u64;
+        publish_all(&producer, chunk, 0, || {}).await.map_err(anyhow::Error::msg)?;
+        bar.set_position(settled(&stats));
+    }
+    while settled(&stats) < produced && !worker_task.is_finished() {
+        bar.set_position(settled(&stats));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish();
+    stop.cancel();
+    worker_task.await??;
+    let rows = engine.l3().map(|l3| l3.summaries());
+    let rows = match rows {
+        Some(future) => future.await?,
+        None => Vec::new(),
+    };
+    engine.shutdown(Duration::from_secs(10)).await;
+    drop(cluster);
+    Ok(DemoSummary {
+        produced,
+        stored: stats.stored.load(Ordering::Relaxed),
+        dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+        poison_produced,
+        ids_checked: workload.expected().len(),
+        mismatches: compare(&workload, &rows),
+        items_per_sec: produced as f64 / elapsed,
+    })
+}
+
+/// Every expected id must be in L3 with its version and hash (or as a tombstone), and L3
+/// must hold nothing else.
+pub fn compare(workload: &Workload, rows: &[RowSummary]) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    let expected = workload.expected();
+    for row in rows {
+        match expected.get(&row.id) {
+            None => mismatches.push(format!("{}: in L3 but never produced", row.id)),
+            Some(want) => {
+                let hash_ok = match want.content_hash {
+                    Some(hash) => !row.deleted && row.content_hash == hash,
+                    None => row.deleted,
+                };
+                if row.version != want.version || !hash_ok {
+                    mismatches.push(format!(
+                        "{}: L3 has version {} deleted={}, expected version {} deleted={}",
+                        row.id, row.version, row.deleted, want.version, want.content_hash.is_none()
+                    ));
+                }
+            }
+        }
+    }
+    let stored: std::collections::HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    for id in expected.keys().filter(|id| !stored.contains(id.as_str())) {
+        mismatches.push(format!("{id}: missing from L3"));
+    }
+    mismatches
+}

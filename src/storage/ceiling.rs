@@ -1,0 +1,75 @@
+//! The raw MariaDB ceiling for the benchmark: the same rows the worker writes, as plain
+//! multi-row upserts (no version guard, no Kafka, no Redis) from one plain client, 1,000 rows
+//! per statement in one transaction each. The worker's throughput is reported as a ratio
+//! of this number, measured in the same run on the same machine.
+
+use std::time::Instant;
+
+use sqlx::mysql::MySqlPoolOptions;
+use sqlx::Connection;
+
+use crate::item::{content_hash, now_ms};
+use crate::storage::sql::{placeholders, COLUMNS, COLUMN_COUNT};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct CeilingArgs {
+    #[arg(long, env = "SYNC_SQL_URL")]
+    pub sql_url: String,
+    #[arg(long, default_value_t = 200_000)]
+    pub rows: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub item_bytes: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub rows_per_statement: usize,
+    #[arg(long, default_value = "ceiling_items")]
+    pub table: String,
+}
+
+pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
+    anyhow::ensure!(crate::config::is_sql_identifier(&args.table), "invalid table name");
+    let pool = MySqlPoolOptions::new().max_connections(1).connect(&args.sql_url).await?;
+    let mut connection = pool.acquire().await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", args.table)).execute(&mut *connection).await?;
+    sqlx::query(&format!(
+        "CREATE TABLE {} (id VARBINARY(255) NOT NULL PRIMARY KEY, version BIGINT UNSIGNED NOT NULL, \
+         content LONGBLOB NULL, content_type VARCHAR(16) NOT NULL, content_hash BINARY(32) NOT NULL, \
+         deleted TINYINT(1) NOT NULL, updated_at_ms BIGINT UNSIGNED NOT NULL, origin_topic VARCHAR(255) NULL, \
+         origin_partition INT NULL, origin_offset BIGINT NULL) ENGINE=InnoDB",
+        args.table
+    ))
+    .execute(&mut *connection)
+    .await?;
+    let statement = format!(
+        "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE content = VALUES(content), version = VALUES(version)",
+        args.table,
+        placeholders(args.rows_per_statement, COLUMN_COUNT)
+    );
+    let content = vec![b'c'; args.item_bytes];
+    let hash = content_hash(&content).to_vec();
+    let started = Instant::now();
+    let mut written = 0u64;
+    while written + args.rows_per_statement as u64 <= args.rows {
+        let mut transaction = connection.begin().await?;
+        let mut query = sqlx::query(&statement);
+        for row in written..written + args.rows_per_statement as u64 {
+            query = query
+                .bind(format!("ceiling.{row:010}").into_bytes())
+                .bind(row)
+                .bind(content.as_slice())
+                .bind("binary")
+                .bind(hash.as_slice())
+                .bind(false)
+                .bind(now_ms())
+                .bind("ceiling")
+                .bind(0i32)
+                .bind(row as i64);
+        }
+        query.execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        written += args.rows_per_statement as u64;
+    }
+    let rows_per_sec = written as f64 / started.elapsed().as_secs_f64();
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", args.table)).execute(&mut *connection).await?;
+    println!("ceiling rows={written} rows_per_sec={rows_per_sec:.0}");
+    Ok(rows_per_sec)
+}
