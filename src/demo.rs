@@ -84,7 +84,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         topics: vec![TOPIC.into()],
         group_id: "sync-engine-demo".into(),
         dlq_topic: DLQ_TOPIC.into(),
-        passthrough: Default::default(),
+        // The mock broker answers a fetch with one message set per partition and then waits
+        // out fetch.wait.max.ms; a short wait keeps the embedded pipeline busy.
+        passthrough: [("fetch.wait.max.ms".to_owned(), Secret::new("5"))].into_iter().collect(),
         commit_interval: Duration::from_millis(200),
         revoke_deadline: Duration::from_secs(5),
         memory_budget_bytes: 64 << 20,

@@ -25,7 +25,9 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         // Range is what Tansu's group coordinator supports.
         .set("partition.assignment.strategy", "range")
         .set("queued.max.messages.kbytes", prefetch_kbytes.to_string())
-        .set("queued.min.messages", "1000")
+        // When the prefetch cap is reached librdkafka backs off fetching this long (default
+        // 1 s, which starves a fast pipeline); the cap itself bounds memory.
+        .set("fetch.queue.backoff.ms", "20")
         .set("fetch.max.bytes", fetch_max_bytes.to_string())
         .set("max.partition.fetch.bytes", (fetch_max_bytes / 4).max(1 << 20).to_string())
         .set("statistics.interval.ms", "5000");
