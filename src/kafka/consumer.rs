@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use crate::config::KafkaConfig;
 use crate::decode::RawRecord;
 use crate::kafka::offsets::TopicPartition;
+use crate::kafka::worker::WorkerStats;
 use crate::metrics as m;
 use crate::pressure::{Pressure, PressureDecision};
 
@@ -129,7 +130,7 @@ pub struct ConsumerHandle {
 }
 
 /// Creates the consumer, subscribes, and starts its thread.
-pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>) -> KafkaResult<ConsumerHandle> {
+pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>, stats: Arc<WorkerStats>) -> KafkaResult<ConsumerHandle> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = std_mpsc::channel();
     let context = WorkerContext {
@@ -145,7 +146,7 @@ pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>) -> KafkaResul
     metrics::gauge!(m::MEMORY_BUDGET).set(kafka.memory_budget_bytes as f64);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || PollLoop { consumer, events_tx, commands_rx, bytes_in_flight, pressure, paused: false, fetching: true }.run())
+        .spawn(move || PollLoop { consumer, events_tx, commands_rx, bytes_in_flight, stats, pressure, paused: false, fetching: true }.run())
         .map_err(|error| rdkafka::error::KafkaError::Subscription(error.to_string()))?;
     Ok(ConsumerHandle { events_rx, commands_tx, thread })
 }
@@ -155,6 +156,7 @@ struct PollLoop {
     events_tx: mpsc::UnboundedSender<ConsumerEvent>,
     commands_rx: std_mpsc::Receiver<ConsumerCommand>,
     bytes_in_flight: Arc<AtomicU64>,
+    stats: Arc<WorkerStats>,
     pressure: Pressure,
     paused: bool,
     fetching: bool,
@@ -170,7 +172,8 @@ impl PollLoop {
             match self.consumer.poll(POLL_TIMEOUT) {
                 Some(Ok(message)) if self.fetching => {
                     let record = to_raw_record(&message);
-                    self.bytes_in_flight.fetch_add(record.size_bytes() as u64, Ordering::SeqCst);
+                    let in_flight = self.bytes_in_flight.fetch_add(record.size_bytes() as u64, Ordering::SeqCst);
+                    self.stats.peak_bytes_in_flight.fetch_max(in_flight + record.size_bytes() as u64, Ordering::Relaxed);
                     metrics::counter!(m::RECORDS_CONSUMED, "topic" => message.topic().to_owned()).increment(1);
                     if self.events_tx.send(ConsumerEvent::Record(record)).is_err() {
                         break;
@@ -223,6 +226,7 @@ impl PollLoop {
         match self.pressure.decide(in_flight, self.paused) {
             PressureDecision::Pause => {
                 metrics::counter!(m::PAUSES).increment(1);
+                self.stats.pauses.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(in_flight, high = self.pressure.high_bytes, "memory high watermark, pausing partitions");
                 self.set_paused(true);
             }

@@ -34,6 +34,12 @@ pub struct WorkerStats {
     pub stored: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub commits: AtomicU64,
+    /// Times the consumer paused its partitions for memory pressure.
+    pub pauses: AtomicU64,
+    /// Partitions currently assigned to this worker.
+    pub assigned_partitions: AtomicU64,
+    /// Highest bytes-in-flight seen by the consumer thread.
+    pub peak_bytes_in_flight: AtomicU64,
 }
 
 enum Outcome {
@@ -73,7 +79,7 @@ pub async fn run(
     stats: Arc<WorkerStats>,
 ) -> anyhow::Result<()> {
     let bytes_in_flight = Arc::new(AtomicU64::new(0));
-    let ConsumerHandle { mut events_rx, commands_tx, thread } = consumer::start(&kafka, bytes_in_flight.clone())?;
+    let ConsumerHandle { mut events_rx, commands_tx, thread } = consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
     let mut worker = Worker {
         engine,
         dlq: DeadLetterProducer::new(&kafka)?,
@@ -118,6 +124,7 @@ impl Worker {
         match event {
             ConsumerEvent::Record(record) => self.on_record(record).await,
             ConsumerEvent::Revoked { partitions, reply } => {
+                self.stats.assigned_partitions.store(0, Ordering::Relaxed);
                 let offsets = self.settle_partitions(&partitions).await;
                 let _ = reply.send(offsets);
             }
@@ -125,7 +132,9 @@ impl Worker {
                 self.tracker.remove(&partitions);
                 self.engine.drop_partitions_from_l1(partitions);
             }
-            ConsumerEvent::Assigned(_) => {}
+            ConsumerEvent::Assigned(partitions) => {
+                self.stats.assigned_partitions.store(partitions.len() as u64, Ordering::Relaxed);
+            }
         }
     }
 

@@ -25,4 +25,6 @@ pub struct RowSummary {
     pub version: u64,
     pub content_hash: [u8; 32],
     pub deleted: bool,
+    /// When the row was last written: unchanged by a replay, since the guard refuses it.
+    pub updated_at_ms: u64,
 }

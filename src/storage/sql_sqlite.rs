@@ -132,7 +132,7 @@ impl SqliteStore {
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
-        let statement = format!("SELECT id, version, content_hash, deleted FROM {} ORDER BY id", self.table);
+        let statement = format!("SELECT id, version, content_hash, deleted, updated_at_ms FROM {} ORDER BY id", self.table);
         let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
         rows.iter()
             .map(|row| {
@@ -143,6 +143,7 @@ impl SqliteStore {
                     version: row.try_get::<i64, _>("version").map_err(classify)? as u64,
                     content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
                     deleted: row.try_get::<bool, _>("deleted").map_err(classify)?,
+                    updated_at_ms: row.try_get::<i64, _>("updated_at_ms").map_err(classify)? as u64,
                 })
             })
             .collect()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs/starts what the tests need (idempotently, loopback only) and runs every test:
+# unit and property tests, and the integration tests against real MariaDB, a real Redis
+# Cluster and a real Kafka-protocol broker (Tansu), then the embedded demo's own check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "test: cargo not found; install Rust with rustup" >&2; exit 1; }
+
+# The services script prints `export SYNC_TEST_...` lines for the tests to find them.
+eval "$(scripts/services.sh)"
+
+echo "test: building" >&2
+cargo build --tests --bins --locked 2>&1 | tail -n 3
+
+echo "test: unit, property and integration tests" >&2
+cargo test --locked --no-fail-fast -- --test-threads=4
+
+echo "test: embedded demo (20,000 items) must pass its own check" >&2
+cargo run --locked --quiet -- demo --items 20000 --quiet

@@ -1,0 +1,266 @@
+//! Helpers shared by the integration tests: every test gets its own topic, consumer group,
+//! L3 table and L2 key prefix, against the real services that `scripts/services.sh` starts
+//! (MariaDB, a Redis Cluster, a Tansu broker). Addresses come from `SYNC_TEST_*` variables.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+use sync_engine::config::{EngineConfig, KafkaConfig, Secret};
+use sync_engine::kafka::producer::{publish_all, EndOffsets, ItemProducer};
+use sync_engine::kafka::worker::{self, WorkerStats};
+use sync_engine::storage::sql::SqlStore;
+use sync_engine::storage::RowSummary;
+use sync_engine::workload::{Workload, WorkloadSpec};
+use sync_engine::SyncEngine;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn mysql_url() -> String {
+    std::env::var("SYNC_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+pub fn redis_urls() -> Vec<String> {
+    let urls = std::env::var("SYNC_TEST_REDIS_URLS").unwrap_or_else(|_| "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into());
+    urls.split(',').map(|url| url.trim().to_owned()).filter(|url| !url.is_empty()).collect()
+}
+
+pub fn brokers() -> String {
+    std::env::var("SYNC_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Names unique to one test run: topic, group, table and key prefix.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    pub table: String,
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Names {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let unique = format!("{test}_{}_{}", std::process::id(), nanos % 1_000_000_000);
+        Names {
+            topic: format!("t_{unique}"),
+            dlq_topic: format!("dlq_{unique}"),
+            group: format!("g_{unique}"),
+            table: format!("items_{unique}"),
+            prefix: format!("{unique}:"),
+        }
+    }
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin.create_topics([&topic], &AdminOptions::new()).await.expect("create topics request");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+pub fn spec(names: &Names, count: u64, key_space: u64) -> WorkloadSpec {
+    WorkloadSpec {
+        count,
+        item_bytes: 256,
+        key_space,
+        id_prefix: format!("uk.nhs.{}", names.group),
+        delete_share: 0.08,
+        out_of_order_share: 0.15,
+        duplicate_share: 0.05,
+        poison_share: 0.0,
+        max_item_bytes: 64 << 10,
+        seed: 42,
+    }
+}
+
+/// Publishes the whole workload; returns the end offsets from the delivery reports.
+pub async fn produce(names: &Names, workload: &mut Workload) -> EndOffsets {
+    let producer = ItemProducer::new(&brokers(), &names.topic).expect("producer");
+    let ends = publish_all(&producer, workload.by_ref(), 0, || {}).await.expect("all records delivered");
+    producer.flush();
+    ends
+}
+
+pub fn engine_config(names: &Names) -> EngineConfig {
+    EngineConfig {
+        redis_urls: redis_urls().into_iter().map(Secret::new).collect(),
+        redis_prefix: names.prefix.clone(),
+        redis_ttl_secs: 3600,
+        sql_url: Some(Secret::new(mysql_url())),
+        sql_table: names.table.clone(),
+        ..EngineConfig::in_memory()
+    }
+}
+
+pub fn kafka_config(names: &Names) -> KafkaConfig {
+    KafkaConfig {
+        brokers: brokers(),
+        topics: vec![names.topic.clone()],
+        group_id: names.group.clone(),
+        dlq_topic: names.dlq_topic.clone(),
+        passthrough: [("session.timeout.ms".to_owned(), Secret::new("6000")), ("heartbeat.interval.ms".to_owned(), Secret::new("500"))]
+            .into_iter()
+            .collect(),
+        commit_interval: Duration::from_millis(200),
+        revoke_deadline: Duration::from_secs(4),
+        memory_budget_bytes: 64 << 20,
+        max_item_bytes: 64 << 10,
+    }
+}
+
+/// A worker running in this process.
+pub struct InProcessWorker {
+    pub stats: Arc<WorkerStats>,
+    pub engine: Arc<SyncEngine>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessWorker {
+    pub async fn start(names: &Names, kafka: KafkaConfig) -> InProcessWorker {
+        let config = engine_config(names);
+        let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
+        engine.start().await.expect("engine starts");
+        let engine = Arc::new(engine);
+        let stats = Arc::new(WorkerStats::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(20), stats.clone()));
+        InProcessWorker { stats, engine, stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("worker task").expect("worker drained cleanly");
+        self.engine.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
+/// The group's committed offsets, read without joining the group.
+pub fn committed(names: &Names, partitions: i32) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &names.group)
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(&names.topic, partition);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some((element.partition(), offset)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Commits offset 0 for every partition: a replay from the start (group must be empty).
+pub fn reset_to_earliest(names: &Names, partitions: i32) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &names.group)
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition_offset(&names.topic, partition, Offset::Offset(0)).unwrap();
+    }
+    consumer.commit(&list, CommitMode::Sync).expect("offsets reset");
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check()
+}
+
+/// Waits until the committed offsets reach the end offsets of every produced partition.
+pub async fn wait_for_commits(names: &Names, partitions: i32, ends: &EndOffsets, timeout: Duration) -> HashMap<i32, i64> {
+    let names = names.clone();
+    let want = ends.0.clone();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let names_now = names.clone();
+        let got = tokio::task::spawn_blocking(move || committed(&names_now, partitions)).await.unwrap();
+        let done = want.iter().all(|(partition, end)| got.get(partition) == Some(end));
+        if done || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+pub async fn l3_rows(names: &Names) -> Vec<RowSummary> {
+    let store = SqlStore::connect(&mysql_url(), &names.table).await.expect("L3 reachable");
+    let rows = store.summaries().await.expect("rows");
+    store.close().await;
+    rows
+}
+
+/// L2 state per expected id: `(version, sha256 of content or None for a tombstone, ttl)`.
+pub async fn l2_state(names: &Names, ids: impl Iterator<Item = String>) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
+    use redis::AsyncCommands;
+    let client = redis::cluster::ClusterClient::new(redis_urls()).expect("cluster client");
+    let mut connection = client.get_async_connection().await.expect("cluster connection");
+    let mut state = BTreeMap::new();
+    for id in ids {
+        let key = format!("{}{}", names.prefix, id);
+        let fields: HashMap<String, Vec<u8>> = connection.hgetall(&key).await.expect("hgetall");
+        let entry = if fields.is_empty() {
+            None
+        } else {
+            let version = String::from_utf8(fields["v"].clone()).unwrap().parse().unwrap();
+            let deleted = fields.get("d").map(|d| d.as_slice()) == Some(b"1");
+            let hash = (!deleted).then(|| sync_engine::item::content_hash(&fields["c"]));
+            let ttl: i64 = connection.ttl(&key).await.expect("ttl");
+            Some((version, hash, ttl))
+        };
+        state.insert(id, entry);
+    }
+    state
+}
+
+/// Every expected id must be in L2 with its version and content hash (or as a tombstone),
+/// with a TTL set. Returns the mismatches.
+pub async fn compare_l2(names: &Names, workload: &Workload) -> Vec<String> {
+    let expected = workload.expected();
+    let state = l2_state(names, expected.keys().cloned()).await;
+    let mut mismatches = Vec::new();
+    for (id, got) in state {
+        let want = expected[&id];
+        match got {
+            None => mismatches.push(format!("{id}: missing from L2")),
+            Some((version, hash, ttl)) => {
+                if version != want.version || hash != want.content_hash {
+                    mismatches.push(format!("{id}: L2 has version {version}, expected {}", want.version));
+                }
+                if !(0..=3600).contains(&ttl) || ttl == 0 {
+                    mismatches.push(format!("{id}: L2 ttl {ttl}, expected 1..=3600"));
+                }
+            }
+        }
+    }
+    mismatches
+}

@@ -1,0 +1,160 @@
+//! End to end against real services: Tansu → worker → Redis Cluster + MariaDB.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message};
+use sync_engine::demo::compare;
+use sync_engine::workload::Workload;
+
+const PARTITIONS: i32 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_version_of_every_id_lands_in_l2_and_l3_and_a_replay_changes_nothing() {
+    let names = Names::new("e2e");
+    create_topic(&names.topic, PARTITIONS).await;
+    let mut workload = Workload::new(spec(&names, 6_000, 1_500));
+    let ends = produce(&names, &mut workload).await;
+
+    let worker = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(90)).await;
+    worker.stop().await;
+    assert_eq!(committed, ends.0, "committed offsets must equal the end offsets");
+
+    let rows = l3_rows(&names).await;
+    assert_eq!(compare(&workload, &rows), Vec::<String>::new());
+    assert!(rows.iter().any(|row| row.deleted), "the workload deletes some ids");
+    assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
+
+    // Replay: rewind the group and consume everything again.
+    reset_to_earliest(&names, PARTITIONS);
+    assert!(committed_is_zero(&names), "the reset must take effect");
+    let worker = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(90)).await;
+    let replayed = worker.stats.stored.load(Ordering::Relaxed);
+    worker.stop().await;
+    assert_eq!(committed, ends.0);
+    assert!(replayed >= 6_000, "the replay consumed only {replayed} records");
+    assert_eq!(l3_rows(&names).await, rows, "a replay must not change a single L3 row (not even updated_at_ms)");
+    assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
+}
+
+fn committed_is_zero(names: &Names) -> bool {
+    committed(names, PARTITIONS).values().all(|offset| *offset == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_go_to_the_dead_letter_topic_with_reasons_and_good_ones_land() {
+    let names = Names::new("poison");
+    create_topic(&names.topic, PARTITIONS).await;
+    create_topic(&names.dlq_topic, 1).await;
+    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { poison_share: 0.05, ..spec(&names, 3_000, 800) });
+    let records: Vec<_> = workload.by_ref().collect();
+    let mut poison_by_reason: HashMap<String, usize> = HashMap::new();
+    for record in records.iter().filter_map(|record| record.poison_reason) {
+        *poison_by_reason.entry(record.to_owned()).or_default() += 1;
+    }
+    let producer = sync_engine::kafka::producer::ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let ends = sync_engine::kafka::producer::publish_all(&producer, records, 0, || {}).await.unwrap();
+    producer.flush();
+    assert!(poison_by_reason.len() >= 4, "every kind of poison is produced: {poison_by_reason:?}");
+
+    let worker = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(90)).await;
+    let dead_lettered = worker.stats.dead_lettered.load(Ordering::Relaxed);
+    worker.stop().await;
+    assert_eq!(committed, ends.0, "dead-lettered offsets settle, so the watermark reaches the end");
+    assert_eq!(dead_lettered as usize, poison_by_reason.values().sum::<usize>());
+    assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
+
+    let found = tokio::task::spawn_blocking({
+        let names = names.clone();
+        let total = dead_lettered as usize;
+        move || read_dead_letters(&names, total)
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, poison_by_reason, "each poison record is in the dead-letter topic with its reason");
+}
+
+/// Reads `total` dead letters; checks their provenance headers; counts them by reason code.
+fn read_dead_letters(names: &Names, total: usize) -> HashMap<String, usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{}-reader", names.group))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&names.dlq_topic]).unwrap();
+    let mut by_reason = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    while seen < total && std::time::Instant::now() < deadline {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let headers = message.headers().expect("dead letters carry headers");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|header| header.key == name)
+                .and_then(|header| header.value)
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+        };
+        assert_eq!(header("sync-dlq-topic").as_deref(), Some(names.topic.as_str()));
+        assert!(header("sync-dlq-partition").is_some() && header("sync-dlq-offset").is_some());
+        let reason = header("sync-dlq-reason").expect("reason header");
+        let code = reason.split(':').next().unwrap().to_owned();
+        *by_reason.entry(code).or_default() += 1;
+        seen += 1;
+    }
+    by_reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_memory_budget_pauses_and_resumes_partitions_and_loses_nothing() {
+    let names = Names::new("pressure");
+    create_topic(&names.topic, PARTITIONS).await;
+    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 2048, ..spec(&names, 12_000, 4_000) });
+    let ends = produce(&names, &mut workload).await;
+    let budget = 4u64 << 20; // the backlog is ~24 MiB: six times the budget
+    let kafka = sync_engine::config::KafkaConfig { memory_budget_bytes: budget, ..kafka_config(&names) };
+    let worker = InProcessWorker::start(&names, kafka).await;
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
+    let pauses = worker.stats.pauses.load(Ordering::Relaxed);
+    let peak = worker.stats.peak_bytes_in_flight.load(Ordering::Relaxed);
+    worker.stop().await;
+    assert_eq!(committed, ends.0);
+    assert!(pauses > 0, "the worker must have paused under pressure");
+    assert!(peak <= budget, "bytes in flight peaked at {peak}, over the {budget} budget");
+    assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_one_group_split_the_partitions_and_lose_nothing() {
+    let names = Names::new("group");
+    create_topic(&names.topic, PARTITIONS).await;
+    let mut workload = Workload::new(spec(&names, 8_000, 2_000));
+    let first = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let second = InProcessWorker::start(&names, kafka_config(&names)).await;
+    // Let both join before the data arrives, so both get partitions.
+    let both_assigned = eventually(Duration::from_secs(30), || {
+        first.stats.assigned_partitions.load(Ordering::Relaxed) > 0 && second.stats.assigned_partitions.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(both_assigned, "both workers must own partitions");
+    let ends = produce(&names, &mut workload).await;
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
+    let (a, b) = (first.stats.stored.load(Ordering::Relaxed), second.stats.stored.load(Ordering::Relaxed));
+    first.stop().await;
+    second.stop().await;
+    assert_eq!(committed, ends.0);
+    assert!(a > 0 && b > 0, "both workers must have stored items: {a} and {b}");
+    assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
+    assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
+}
