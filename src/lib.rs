@@ -15,7 +15,7 @@
 //! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch and flush tasks |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
 //! | `metrics` | every metric name, `/metrics`, `/health/live`, `/health/ready` |
-//! | `demo`, `produce` | the embedded demo and the load generator behind the CLI |
+//! | `demo`, `produce`, `inspect` | the embedded demo, the load generator, committed offsets (CLI) |
 //!
 //! # Glossary
 //!
@@ -43,6 +43,7 @@ pub mod config;
 pub mod decode;
 pub mod demo;
 pub mod engine;
+pub mod inspect;
 pub mod item;
 pub mod kafka;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! The `sync-engine` command: CLI wiring only.
 //!
 //! `run` (the worker, configured by `SYNC_*` env vars), `demo` (the embedded main job),
-//! `produce` (the load generator), `ceiling` (the raw MariaDB ceiling for the benchmark).
+//! `produce` (the load generator), `offsets` (a group's committed offsets), `ceiling` (the raw MariaDB ceiling for the benchmark).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +29,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Publish a generated workload to a real broker.
     Produce(produce::ProduceArgs),
+    /// Print a consumer group's committed offsets without joining it.
+    Offsets(sync_engine::inspect::OffsetsArgs),
     /// Measure the raw MariaDB ceiling: plain multi-row upserts, no version guard.
     Ceiling(sync_engine::storage::ceiling::CeilingArgs),
 }
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
             Command::Run => run_worker().await,
             Command::Demo(args) => run_demo(args).await,
             Command::Produce(args) => produce::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Offsets(args) => sync_engine::inspect::run(args).map(|()| ExitCode::SUCCESS),
             Command::Ceiling(args) => sync_engine::storage::ceiling::run(args).await.map(|_| ExitCode::SUCCESS),
         }
     });

@@ -21,6 +21,7 @@ pub const DEAD_LETTERED: &str = "sync_dead_lettered_total";
 pub const BATCH_ITEMS: &str = "sync_batch_items";
 pub const FLUSH_SECONDS: &str = "sync_flush_duration_seconds";
 pub const SETTLE_LATENCY_SECONDS: &str = "sync_settle_latency_seconds";
+pub const ITEM_SETTLE_SECONDS: &str = "sync_item_settle_seconds";
 pub const CONSUMER_LAG: &str = "sync_consumer_lag_records";
 pub const PAUSED_PARTITIONS: &str = "sync_paused_partitions";
 pub const BYTES_IN_FLIGHT: &str = "sync_bytes_in_flight_bytes";
@@ -63,6 +64,7 @@ fn describe() {
     describe_histogram!(BATCH_ITEMS, "Items per flushed batch");
     describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Time to write one batch, by tier");
     describe_histogram!(SETTLE_LATENCY_SECONDS, Unit::Seconds, "Kafka record timestamp to settled");
+    describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
     describe_gauge!(CONSUMER_LAG, "High watermark minus committed offset, by topic and partition");
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");

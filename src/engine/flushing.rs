@@ -45,6 +45,7 @@ async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &Cancellati
         let result = settle_result(stores, &pending, l3_results.get(&index), &l2_failed);
         if let Ok(tier) = &result {
             metrics::counter!(m::ITEMS_SETTLED, "tier" => tier.as_str()).increment(1);
+            metrics::histogram!(m::ITEM_SETTLE_SECONDS).record(pending.enqueued_at.elapsed().as_secs_f64());
         }
         let _ = pending.ack.send(result);
     }

@@ -94,6 +94,7 @@ enum Queued {
 
 struct Pending {
     item: Arc<SyncItem>,
+    enqueued_at: std::time::Instant,
     options: SubmitOptions,
     ack: oneshot::Sender<SettleResult>,
 }
@@ -176,7 +177,7 @@ impl SyncEngine {
             let _ = ack.send(Ok(Tier::L1));
             return Ok(SettleReceipt(receipt));
         }
-        queue_tx.send(Queued::Item(Pending { item, options, ack })).await.map_err(|_| EngineError::ShuttingDown)?;
+        queue_tx.send(Queued::Item(Pending { item, enqueued_at: std::time::Instant::now(), options, ack })).await.map_err(|_| EngineError::ShuttingDown)?;
         Ok(SettleReceipt(receipt))
     }
 
