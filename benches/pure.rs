@@ -1,1 +1,58 @@
-fn main() {}
+//! Micro benchmarks of the pure hot-path pieces: decoding a record, the offset tracker, and
+//! the batcher. The end-to-end benchmark is `scripts/bench.sh`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use sync_engine::batch::{BatchLimits, Batcher};
+use sync_engine::decode::{decode, DecodeLimits, RawRecord};
+use sync_engine::kafka::offsets::PartitionOffsets;
+
+fn record() -> RawRecord {
+    RawRecord {
+        topic: Arc::from("items"),
+        partition: 3,
+        offset: 1_000,
+        timestamp_ms: Some(1),
+        key: Some(Bytes::from_static(b"uk.nhs.patient.record.12345")),
+        value: Some(Bytes::from(vec![b'b'; 1024])),
+        headers: vec![("sync-version".into(), Some(Bytes::from_static(b"1700000000000")))],
+    }
+}
+
+fn benchmarks(c: &mut Criterion) {
+    let input = record();
+    let limits = DecodeLimits { max_item_bytes: 1 << 20 };
+    c.bench_function("decode a 1 KiB record", |b| b.iter(|| decode(&input, limits).unwrap()));
+
+    c.bench_function("track and settle 1,000 offsets", |b| {
+        b.iter(|| {
+            let mut offsets = PartitionOffsets::default();
+            for offset in 0..1_000 {
+                offsets.track(offset);
+            }
+            for offset in (0..1_000).rev() {
+                offsets.settle(offset);
+            }
+            offsets.committable()
+        })
+    });
+
+    let limits = BatchLimits { max_items: 1_000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) };
+    c.bench_function("batch 10,000 items", |b| {
+        b.iter(|| {
+            let now = Instant::now();
+            let mut batcher = Batcher::new(limits);
+            let mut batches = 0;
+            for item in 0..10_000u32 {
+                batches += usize::from(batcher.push(item, 1024, now).is_some());
+            }
+            batches
+        })
+    });
+}
+
+criterion_group!(benches, benchmarks);
+criterion_main!(benches);

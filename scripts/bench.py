@@ -1,0 +1,138 @@
+"""Drives the end-to-end benchmark; see scripts/bench.sh. Standard library only."""
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+PARTITIONS = 8
+
+
+def sh(*args, **kwargs):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs).stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def counter(text, name):
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith(name + "_"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def quantile(text, name, q, labels=""):
+    """A quantile from a Prometheus histogram's cumulative buckets (upper bound)."""
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{") and labels in line:
+            bound = re.search(r'le="([^"]+)"', line).group(1)
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    buckets.sort()
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return float("inf")
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--binary", default="target/release/sync-engine")
+    parser.add_argument("--budget", type=int, default=256 << 20)
+    args = parser.parse_args()
+    brokers = os.environ["SYNC_TEST_KAFKA_BROKERS"]
+    mysql = os.environ["SYNC_TEST_MYSQL_URL"]
+    run_id = f"{int(time.time())}_{os.getpid()}"
+    topic, group, table = f"bench_{run_id}", f"bench_{run_id}", f"bench_{run_id}"
+
+    sh("scripts/create-topic.sh", topic, str(PARTITIONS))
+    print(f"producing {args.items} items of 1 KiB to {topic} ({PARTITIONS} partitions)", file=sys.stderr)
+    produced = sh(args.binary, "produce", "--brokers", brokers, "--topic", topic, "--count", str(args.items),
+                  "--item-bytes", "1024", "--key-space", str(args.items * 20), "--id-prefix", "bench",
+                  "--delete-share", "0.01", "--out-of-order-share", "0.01", "--duplicate-share", "0", "--quiet")
+    ends = {int(p): int(o) for p, o in re.findall(r"end offset partition=(\d+) offset=(\d+)", produced)}
+    end_sum = sum(ends.values())
+
+    print("measuring the raw MariaDB ceiling (plain multi-row upserts, 1,000 rows per statement)", file=sys.stderr)
+    ceiling_out = sh(args.binary, "ceiling", "--sql-url", mysql, "--rows", str(args.items), "--item-bytes", "1024")
+    ceiling = float(re.search(r"rows_per_sec=(\d+)", ceiling_out).group(1))
+
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "SYNC_KAFKA_BROKERS": brokers, "SYNC_KAFKA_TOPICS": topic, "SYNC_KAFKA_GROUP_ID": group,
+        "SYNC_DLQ_TOPIC": f"{topic}_dlq", "SYNC_REDIS_URLS": os.environ["SYNC_TEST_REDIS_URLS"],
+        "SYNC_REDIS_PREFIX": f"{run_id}:", "SYNC_SQL_URL": mysql, "SYNC_SQL_TABLE": table,
+        "SYNC_METRICS_ADDR": f"127.0.0.1:{port}", "SYNC_MEMORY_BUDGET_BYTES": str(args.budget),
+        "SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS": "6000", "SYNC_REVOKE_DEADLINE_MS": "4000",
+        "SYNC_COMMIT_INTERVAL_MS": "200", "SYNC_LOG": "warn",
+    }
+    worker = subprocess.Popen([args.binary, "run"], env=env)
+    try:
+        first_consumed = None
+        deadline = time.time() + 900
+        committed_sum = 0
+        while time.time() < deadline:
+            text = metrics(port)
+            if first_consumed is None and counter(text, "sync_records_consumed_total") > 0:
+                first_consumed = time.time()
+            if first_consumed is not None:
+                out = sh(args.binary, "offsets", "--brokers", brokers, "--group", group, "--topic", topic,
+                         "--partitions", str(PARTITIONS))
+                committed_sum = int(re.search(r"sum (-?\d+)", out).group(1))
+                if committed_sum >= end_sum:
+                    break
+            time.sleep(0.1)
+        done = time.time()
+        text = metrics(port)
+        rss = peak_rss_mib(worker.pid)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    if committed_sum < end_sum:
+        sys.exit(f"bench: timed out, committed {committed_sum} of {end_sum}")
+    elapsed = done - first_consumed
+    rate = args.items / elapsed
+    print(f"items                  {args.items} (1 KiB, {PARTITIONS} partitions, L2 + L3)")
+    print(f"end-to-end             {rate:.0f} items/s ({elapsed:.1f} s, first consumed -> last committed)")
+    print(f"raw MariaDB ceiling    {ceiling:.0f} rows/s")
+    print(f"ratio                  {rate / ceiling:.2f}")
+    print(f"item settle latency    p50 <= {quantile(text, 'sync_item_settle_seconds', 0.5) * 1000:.0f} ms, "
+          f"p99 <= {quantile(text, 'sync_item_settle_seconds', 0.99) * 1000:.0f} ms (enqueue -> durable)")
+    print(f"L3 batch flush         p50 <= {quantile(text, 'sync_flush_duration_seconds', 0.5, 'tier=\"l3\"') * 1000:.0f} ms, "
+          f"p99 <= {quantile(text, 'sync_flush_duration_seconds', 0.99, 'tier=\"l3\"') * 1000:.0f} ms")
+    print(f"peak RSS               {rss:.0f} MiB (memory budget {args.budget >> 20} MiB)")
+    print(f"worker exit            {worker.returncode}")
+
+
+if __name__ == "__main__":
+    main()
