@@ -63,11 +63,19 @@ def peak_rss_mib(pid):
     return float("nan")
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--binary", default="target/release/sync-engine")
-    parser.add_argument("--budget", type=int, default=256 << 20)
+    parser.add_argument("--budget", type=int, default=128 << 20, help="SYNC_MEMORY_BUDGET_BYTES")
+    parser.add_argument("--l1", type=int, default=32 << 20, help="SYNC_L1_MAX_BYTES")
     args = parser.parse_args()
     brokers = os.environ["SYNC_TEST_KAFKA_BROKERS"]
     mysql = os.environ["SYNC_TEST_MYSQL_URL"]
@@ -76,26 +84,30 @@ def main():
 
     sh("scripts/create-topic.sh", topic, str(PARTITIONS))
     print(f"producing {args.items} items of 1 KiB to {topic} ({PARTITIONS} partitions)", file=sys.stderr)
-    produced = sh(args.binary, "produce", "--brokers", brokers, "--topic", topic, "--count", str(args.items),
-                  "--item-bytes", "1024", "--key-space", str(args.items * 20), "--id-prefix", "bench",
-                  "--delete-share", "0.01", "--out-of-order-share", "0.01", "--duplicate-share", "0", "--quiet")
+    # The same workload flags for the worker's input and the ceiling: the same rows.
+    workload = ["--count", str(args.items), "--item-bytes", "1024", "--key-space", str(args.items * 20),
+                "--id-prefix", f"bench.{run_id}", "--delete-share", "0.01", "--out-of-order-share", "0.01",
+                "--duplicate-share", "0", "--seed", "7"]
+    produced = sh(args.binary, "produce", "--brokers", brokers, "--topic", topic, *workload, "--quiet")
     ends = {int(p): int(o) for p, o in re.findall(r"end offset partition=(\d+) offset=(\d+)", produced)}
     end_sum = sum(ends.values())
 
     print("measuring the raw MariaDB ceiling (plain multi-row upserts, 1,000 rows per statement)", file=sys.stderr)
-    ceiling_out = sh(args.binary, "ceiling", "--sql-url", mysql, "--rows", str(args.items), "--item-bytes", "1024")
+    ceiling_out = sh(args.binary, "ceiling", "--sql-url", mysql, *workload)
     ceiling = float(re.search(r"rows_per_sec=(\d+)", ceiling_out).group(1))
 
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "SYNC_KAFKA_BROKERS": brokers, "SYNC_KAFKA_TOPICS": topic, "SYNC_KAFKA_GROUP_ID": group,
-        "SYNC_DLQ_TOPIC": f"{topic}_dlq", "SYNC_REDIS_URLS": os.environ["SYNC_TEST_REDIS_URLS"],
+        "SYNC_DLQ_TOPIC": f"{topic}_dlq", "SYNC_REDIS_URLS": os.environ.get("BENCH_REDIS_URLS", os.environ["SYNC_TEST_REDIS_URLS"]),
         "SYNC_REDIS_PREFIX": f"{run_id}:", "SYNC_SQL_URL": mysql, "SYNC_SQL_TABLE": table,
-        "SYNC_METRICS_ADDR": f"127.0.0.1:{port}", "SYNC_MEMORY_BUDGET_BYTES": str(args.budget),
+        "SYNC_METRICS_ADDR": f"127.0.0.1:{port}", "SYNC_MEMORY_BUDGET_BYTES": str(args.budget), "SYNC_L1_MAX_BYTES": str(args.l1),
         "SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS": "6000", "SYNC_REVOKE_DEADLINE_MS": "4000",
         "SYNC_COMMIT_INTERVAL_MS": "200", "SYNC_LOG": "warn",
     }
+    # Any SYNC_* setting in the bench's environment tunes the worker (e.g. SYNC_BATCH_MAX_ITEMS).
+    env.update({k: v for k, v in os.environ.items() if k.startswith("SYNC_") and not k.startswith("SYNC_TEST_")})
     worker = subprocess.Popen([args.binary, "run"], env=env)
     try:
         first_consumed = None
@@ -115,6 +127,9 @@ def main():
         done = time.time()
         text = metrics(port)
         rss = peak_rss_mib(worker.pid)
+        worker_cpu = cpu_seconds(worker.pid)
+        with open(os.environ.get("BENCH_METRICS_OUT", "/tmp/sync-engine-bench-metrics.txt"), "w") as out:
+            out.write(text)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
@@ -128,9 +143,16 @@ def main():
     print(f"ratio                  {rate / ceiling:.2f}")
     print(f"item settle latency    p50 <= {quantile(text, 'sync_item_settle_seconds', 0.5) * 1000:.0f} ms, "
           f"p99 <= {quantile(text, 'sync_item_settle_seconds', 0.99) * 1000:.0f} ms (enqueue -> durable)")
-    print(f"L3 batch flush         p50 <= {quantile(text, 'sync_flush_duration_seconds', 0.5, 'tier=\"l3\"') * 1000:.0f} ms, "
-          f"p99 <= {quantile(text, 'sync_flush_duration_seconds', 0.99, 'tier=\"l3\"') * 1000:.0f} ms")
-    print(f"peak RSS               {rss:.0f} MiB (memory budget {args.budget >> 20} MiB)")
+    l3 = 'tier="l3"'
+    print(f"L3 batch flush         p50 <= {quantile(text, 'sync_flush_duration_seconds', 0.5, l3) * 1000:.0f} ms, "
+          f"p99 <= {quantile(text, 'sync_flush_duration_seconds', 0.99, l3) * 1000:.0f} ms")
+    print(f"worker CPU             {worker_cpu:.1f} s user+system over the run ({worker_cpu / elapsed:.2f} cores)")
+    # The pod's memory limit: budget for unsettled records + L1 + the fixed overhead stated in
+    # tests/process.rs (binary, librdkafka, pools).
+    limit = (args.budget + args.l1 + (96 << 20)) >> 20
+    verdict = "within" if rss <= limit else "OVER"
+    print(f"peak RSS               {rss:.0f} MiB, {verdict} the {limit} MiB limit "
+          f"(budget {args.budget >> 20} + L1 {args.l1 >> 20} + 96 overhead)")
     print(f"worker exit            {worker.returncode}")
 
 

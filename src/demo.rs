@@ -140,6 +140,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         None => Vec::new(),
     };
     engine.shutdown(Duration::from_secs(10)).await;
+    // Producers first: a client outliving the mock broker logs "all brokers down".
+    drop(producer);
     drop(cluster);
     Ok(DemoSummary {
         produced,

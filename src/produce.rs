@@ -8,12 +8,9 @@ use std::path::PathBuf;
 use crate::kafka::producer::{publish_all, EndOffsets, ItemProducer};
 use crate::workload::{Workload, WorkloadSpec};
 
+/// The workload's shape, shared by `produce` and `ceiling` so both write the same rows.
 #[derive(Clone, Debug, clap::Args)]
-pub struct ProduceArgs {
-    #[arg(long, env = "SYNC_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    #[arg(long)]
-    pub topic: String,
+pub struct WorkloadArgs {
     #[arg(long, default_value_t = 100_000)]
     pub count: u64,
     #[arg(long, default_value_t = 1024)]
@@ -31,21 +28,13 @@ pub struct ProduceArgs {
     pub duplicate_share: f64,
     #[arg(long, default_value_t = 0.0)]
     pub poison_share: f64,
-    /// Records per second; 0 = as fast as the broker takes them.
-    #[arg(long, default_value_t = 0)]
-    pub rate: u64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     #[arg(long, env = "SYNC_MAX_ITEM_BYTES", default_value_t = 1 << 20)]
     pub max_item_bytes: usize,
-    /// Writes the expected final state (`id version sha256-hex|deleted` per line) here.
-    #[arg(long)]
-    pub expected_out: Option<PathBuf>,
-    #[arg(long)]
-    pub quiet: bool,
 }
 
-impl ProduceArgs {
+impl WorkloadArgs {
     pub fn spec(&self) -> WorkloadSpec {
         WorkloadSpec {
             count: self.count,
@@ -62,16 +51,35 @@ impl ProduceArgs {
     }
 }
 
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProduceArgs {
+    #[arg(long, env = "SYNC_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    #[arg(long)]
+    pub topic: String,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Records per second; 0 = as fast as the broker takes them.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Writes the expected final state (`id version sha256-hex|deleted` per line) here.
+    #[arg(long)]
+    pub expected_out: Option<PathBuf>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
 pub async fn run(args: ProduceArgs) -> anyhow::Result<EndOffsets> {
     let producer = ItemProducer::new(&args.brokers, &args.topic)?;
-    let mut workload = Workload::new(args.spec());
-    let bar = crate::demo::progress_bar(args.count, "produced", args.quiet);
+    let mut workload = Workload::new(args.workload.spec());
+    let count = args.workload.count;
+    let bar = crate::demo::progress_bar(count, "produced", args.quiet);
     let started = std::time::Instant::now();
     let ends = publish_all(&producer, workload.by_ref(), args.rate, || bar.inc(1)).await.map_err(anyhow::Error::msg)?;
     producer.flush();
     bar.finish();
     let elapsed = started.elapsed().as_secs_f64();
-    println!("produced {} records to {} in {elapsed:.1}s ({:.0} records/s)", args.count, args.topic, args.count as f64 / elapsed);
+    println!("produced {count} records to {} in {elapsed:.1}s ({:.0} records/s)", args.topic, count as f64 / elapsed);
     let mut partitions: Vec<_> = ends.0.iter().collect();
     partitions.sort();
     for (partition, end) in partitions {

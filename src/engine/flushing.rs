@@ -6,12 +6,15 @@
 //! rejects is split into single items so only the offending ones are rejected (and then
 //! dead-lettered by the worker), in their original order. An L2 failure does not hold back
 //! items that also go to L3; items whose last tier is L2 are retried until L2 takes them.
-//! Batches are written one after the other, so a later batch never overtakes an earlier one.
+//! Up to `CONCURRENT_BATCHES` batches are written at once; the version guards make the
+//! final state independent of which lands first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -24,16 +27,32 @@ use crate::storage::StoreError;
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Batches written at once. The stores' version guards make the final state independent of
+/// the order batches land in, so two batches may overlap: while one transaction commits
+/// (an fsync), the next is already executing. Items are sorted by id inside each batch, so
+/// overlapping transactions take row locks in the same order.
+const CONCURRENT_BATCHES: usize = 2;
+
 pub(super) async fn run(mut batch_rx: mpsc::Receiver<Batch>, stores: Arc<Stores>, aborting: CancellationToken) {
-    while let Some(batch) = batch_rx.recv().await {
-        if !batch.items.is_empty() {
-            metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
-            write_batch(&stores, batch.items, &aborting).await;
-        }
-        if let Some(done) = batch.done {
-            let _ = done.send(());
+    let mut writing = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            batch = batch_rx.recv(), if writing.len() < CONCURRENT_BATCHES => {
+                let Some(batch) = batch else { break };
+                if !batch.items.is_empty() {
+                    metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
+                    writing.push(write_batch(&stores, batch.items, &aborting));
+                }
+                if let Some(done) = batch.done {
+                    // A flush answers only once every earlier batch has settled.
+                    while writing.next().await.is_some() {}
+                    let _ = done.send(());
+                }
+            }
+            Some(()) = writing.next(), if !writing.is_empty() => {}
         }
     }
+    while writing.next().await.is_some() {}
 }
 
 async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &CancellationToken) {

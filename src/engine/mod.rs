@@ -164,13 +164,13 @@ impl SyncEngine {
         if self.stopping.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
+        let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
         crate::decode::validate_id(item.id.as_bytes()).map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
         let item = Arc::new(item);
         if options.tiers.l1 {
             self.l1.put_if_newer(item.clone()).await;
         }
         let (ack, receipt) = oneshot::channel();
-        let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
         let below_l1 = (options.tiers.l2 && stores.l2.is_some()) || (options.tiers.l3 && stores.l3.is_some());
         if !below_l1 {
             metrics::counter!(crate::metrics::ITEMS_SETTLED, "tier" => "l1").increment(1);

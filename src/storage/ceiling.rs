@@ -1,4 +1,5 @@
-//! The raw MariaDB ceiling for the benchmark: the same rows the worker writes, as plain
+//! The raw MariaDB ceiling for the benchmark: the same rows the worker writes (the same
+//! workload, generated from the same seed: ids, versions, contents, deletes), as plain
 //! multi-row upserts (no version guard, no Kafka, no Redis) from one plain client, 1,000 rows
 //! per statement in one transaction each. The worker's throughput is reported as a ratio
 //! of this number, measured in the same run on the same machine.
@@ -10,15 +11,14 @@ use sqlx::Connection;
 
 use crate::item::{content_hash, now_ms};
 use crate::storage::sql::{placeholders, COLUMNS, COLUMN_COUNT};
+use crate::workload::{OutgoingRecord, Workload};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CeilingArgs {
     #[arg(long, env = "SYNC_SQL_URL")]
     pub sql_url: String,
-    #[arg(long, default_value_t = 200_000)]
-    pub rows: u64,
-    #[arg(long, default_value_t = 1024)]
-    pub item_bytes: usize,
+    #[command(flatten)]
+    pub workload: crate::produce::WorkloadArgs,
     #[arg(long, default_value_t = 1000)]
     pub rows_per_statement: usize,
     #[arg(long, default_value = "ceiling_items")]
@@ -39,34 +39,45 @@ pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
     ))
     .execute(&mut *connection)
     .await?;
-    let statement = format!(
-        "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE content = VALUES(content), version = VALUES(version)",
-        args.table,
-        placeholders(args.rows_per_statement, COLUMN_COUNT)
-    );
-    let content = vec![b'c'; args.item_bytes];
-    let hash = content_hash(&content).to_vec();
+    let upsert = |rows: usize| {
+        format!(
+            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE content = VALUES(content), version = VALUES(version), \
+             content_hash = VALUES(content_hash), deleted = VALUES(deleted)",
+            args.table,
+            placeholders(rows, COLUMN_COUNT)
+        )
+    };
+    let statement = upsert(args.rows_per_statement);
+    let rows: Vec<OutgoingRecord> = Workload::new(args.workload.spec()).filter(|r| r.poison_reason.is_none()).collect();
     let started = Instant::now();
     let mut written = 0u64;
-    while written + args.rows_per_statement as u64 <= args.rows {
+    for chunk in rows.chunks(args.rows_per_statement) {
+        let statement = if chunk.len() == args.rows_per_statement { statement.clone() } else { upsert(chunk.len()) };
         let mut transaction = connection.begin().await?;
         let mut query = sqlx::query(&statement);
-        for row in written..written + args.rows_per_statement as u64 {
+        for (index, record) in chunk.iter().enumerate() {
+            let version: u64 = record
+                .headers
+                .iter()
+                .find(|(name, _)| name == "sync-version")
+                .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse().ok())
+                .unwrap_or(0);
+            let content = record.value.as_deref();
             query = query
-                .bind(format!("ceiling.{row:010}").into_bytes())
-                .bind(row)
-                .bind(content.as_slice())
+                .bind(record.key.clone().unwrap_or_default())
+                .bind(version)
+                .bind(content)
                 .bind("binary")
-                .bind(hash.as_slice())
-                .bind(false)
+                .bind(content_hash(content.unwrap_or_default()).to_vec())
+                .bind(content.is_none())
                 .bind(now_ms())
                 .bind("ceiling")
                 .bind(0i32)
-                .bind(row as i64);
+                .bind(written as i64 + index as i64);
         }
         query.execute(&mut *transaction).await?;
         transaction.commit().await?;
-        written += args.rows_per_statement as u64;
+        written += chunk.len() as u64;
     }
     let rows_per_sec = written as f64 / started.elapsed().as_secs_f64();
     sqlx::query(&format!("DROP TABLE IF EXISTS {}", args.table)).execute(&mut *connection).await?;

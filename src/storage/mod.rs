@@ -3,6 +3,7 @@
 
 pub mod ceiling;
 pub mod redis;
+mod redis_slots;
 pub mod sql;
 mod sql_mysql;
 mod sql_sqlite;

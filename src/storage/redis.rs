@@ -3,21 +3,26 @@
 //! topic, partition and offset that break ties at equal versions (readers may ignore them).
 //!
 //! Writes are version-guarded by a Lua script that runs on the key's node, so a write never
-//! replaces a newer version (invariant 2). A batch is sent as concurrent script calls on the
-//! one multiplexed cluster connection: the client pipelines them per node, and no request
-//! ever spans slots (async cluster pipelines must stay in one slot). The client gets short
-//! connection and response timeouts: its defaults would retry for minutes.
+//! replaces a newer version (invariant 2). A batch is grouped by master (`redis_slots.rs`)
+//! and sent as one pipeline of `EVALSHA` calls per master, routed by address: one round trip
+//! per node instead of one per item. Items whose pipeline fails (a stale slot map after a
+//! failover, a missing script) are retried one by one through the cluster client, which
+//! follows redirects, and the slot map is refreshed. The client gets short connection and
+//! response timeouts: its defaults would retry for minutes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncCommands, Script};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{AsyncCommands, Script, Value};
 
 use crate::item::{ContentType, Origin, SyncItem};
+use crate::storage::redis_slots::{key_slot, Node, SlotMap};
 use crate::storage::StoreError;
 
 /// Script calls in flight at once for one batch.
@@ -46,6 +51,9 @@ pub struct RedisStore {
     connection: ClusterConnection,
     script: Script,
     prefix: String,
+    /// The last `CLUSTER SLOTS` snapshot; `None` until loaded or after a pipeline failed.
+    // A std Mutex: held only to clone or replace an Arc, never across an await.
+    slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
 }
 
 impl RedisStore {
@@ -57,7 +65,12 @@ impl RedisStore {
             .build()
             .map_err(unavailable)?;
         let connection = client.get_async_connection().await.map_err(unavailable)?;
-        Ok(RedisStore { connection, script: Script::new(GUARDED_WRITE), prefix: prefix.to_owned() })
+        Ok(RedisStore {
+            connection,
+            script: Script::new(GUARDED_WRITE),
+            prefix: prefix.to_owned(),
+            slots: std::sync::Mutex::new(None),
+        })
     }
 
     pub fn key(&self, id: &str) -> String {
@@ -66,30 +79,81 @@ impl RedisStore {
 
     /// Writes each `(item, ttl_secs)`; 0 = no expiry. Returns the ids that failed.
     pub async fn write_batch(&self, items: &[(&SyncItem, u64)]) -> Vec<(String, StoreError)> {
+        let retry: Vec<usize> = match self.slot_map().await {
+            Some(map) => {
+                let mut by_node: HashMap<&Node, Vec<usize>> = HashMap::new();
+                let mut unmapped = Vec::new();
+                for (index, (item, _)) in items.iter().enumerate() {
+                    match map.node(key_slot(self.key(&item.id).as_bytes())) {
+                        Some(node) => by_node.entry(node).or_default().push(index),
+                        None => unmapped.push(index),
+                    }
+                }
+                let pipelines = by_node.into_iter().map(|(node, indexes)| self.write_pipeline(node, items, indexes));
+                let failed: Vec<usize> = futures::future::join_all(pipelines).await.into_iter().flatten().collect();
+                if !failed.is_empty() || !unmapped.is_empty() {
+                    self.forget_slot_map();
+                }
+                failed.into_iter().chain(unmapped).collect()
+            }
+            None => (0..items.len()).collect(),
+        };
         // Futures are built eagerly into a Vec: a lazily mapped stream trips the compiler's
         // `Send` inference for spawned tasks (a higher-ranked lifetime limitation).
-        let writes: Vec<_> = items.iter().map(|(item, ttl_secs)| self.write_one(item, *ttl_secs)).collect();
+        let writes: Vec<_> = retry.into_iter().map(|index| self.write_one(items[index].0, items[index].1)).collect();
         let results: Vec<Option<(String, StoreError)>> =
             futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
         results.into_iter().flatten().collect()
     }
 
+    /// One pipeline of guarded writes to one master; returns the indexes that failed.
+    async fn write_pipeline(&self, node: &Node, items: &[(&SyncItem, u64)], indexes: Vec<usize>) -> Vec<usize> {
+        let mut pipeline = redis::pipe();
+        for &index in &indexes {
+            let (item, ttl_secs) = items[index];
+            let command = pipeline.cmd("EVALSHA").arg(self.script.get_hash()).arg(1).arg(self.key(&item.id));
+            guarded_write_args(command, item, ttl_secs);
+        }
+        let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
+        let mut connection = self.connection.clone();
+        match connection.route_pipeline(pipeline, 0, indexes.len(), route).await {
+            Ok(values) if values.len() == indexes.len() => indexes
+                .into_iter()
+                .zip(values)
+                .filter_map(|(index, value)| matches!(value, Value::ServerError(_)).then_some(index))
+                .collect(),
+            Ok(_) | Err(_) => indexes,
+        }
+    }
+
+    /// The slot map, loading it (and the script, on every master) when missing.
+    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        if let Some(map) = self.slots.lock().ok()?.clone() {
+            return Some(map);
+        }
+        let mut connection = self.connection.clone();
+        let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
+        let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
+        for (host, port) in map.masters() {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(GUARDED_WRITE).clone();
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            connection.route_command(load, route).await.ok()?;
+        }
+        *self.slots.lock().ok()? = Some(map.clone());
+        Some(map)
+    }
+
+    fn forget_slot_map(&self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            *slots = None;
+        }
+    }
+
     async fn write_one(&self, item: &SyncItem, ttl_secs: u64) -> Option<(String, StoreError)> {
         let mut connection = self.connection.clone();
-        let origin = item.origin.as_ref();
-        let result: redis::RedisResult<i64> = self
-            .script
-            .key(self.key(&item.id))
-            .arg(item.version.to_string())
-            .arg(item.content.as_deref().unwrap_or_default())
-            .arg(item.content_type.as_str())
-            .arg(if item.is_tombstone() { "1" } else { "0" })
-            .arg(ttl_secs.to_string())
-            .arg(origin.map_or("", |o| o.topic.as_ref()))
-            .arg(origin.map_or(String::new(), |o| o.partition.to_string()))
-            .arg(origin.map_or(String::new(), |o| o.offset.to_string()))
-            .invoke_async(&mut connection)
-            .await;
+        let mut invocation = self.script.key(self.key(&item.id));
+        guarded_write_args(&mut invocation, item, ttl_secs);
+        let result: redis::RedisResult<i64> = invocation.invoke_async(&mut connection).await;
         result.err().map(|error| (item.id.clone(), unavailable(error)))
     }
 
@@ -99,6 +163,38 @@ impl RedisStore {
         let fields: HashMap<String, Vec<u8>> = connection.hgetall(self.key(id)).await.map_err(unavailable)?;
         Ok(item_from_fields(id, &fields))
     }
+}
+
+/// Anything that takes arguments: a pipeline's last command or a script invocation.
+trait Args {
+    fn push_arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+}
+
+/// A pipeline's `arg` adds to its last command.
+impl Args for redis::Pipeline {
+    fn push_arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.arg(arg)
+    }
+}
+
+impl Args for redis::ScriptInvocation<'_> {
+    fn push_arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.arg(arg)
+    }
+}
+
+/// The script's arguments: version, content, type, tombstone flag, ttl, origin.
+fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
+    let origin = item.origin.as_ref();
+    target
+        .push_arg(item.version.to_string())
+        .push_arg(item.content.as_deref().unwrap_or_default())
+        .push_arg(item.content_type.as_str())
+        .push_arg(if item.is_tombstone() { "1" } else { "0" })
+        .push_arg(ttl_secs.to_string())
+        .push_arg(origin.map_or("", |o| o.topic.as_ref()))
+        .push_arg(origin.map_or(String::new(), |o| o.partition.to_string()))
+        .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()));
 }
 
 fn text(fields: &HashMap<String, Vec<u8>>, name: &str) -> Option<String> {

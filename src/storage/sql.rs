@@ -10,11 +10,13 @@
 
 use std::time::Duration;
 
-use crate::item::SyncItem;
+use bytes::Bytes;
+
+use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::{sql_mysql, sql_sqlite, RowSummary, StoreError};
 
 /// Rows per statement, largest first; a batch is cut greedily into these sizes.
-pub const CHUNK_SIZES: [usize; 4] = [500, 100, 10, 1];
+pub const CHUNK_SIZES: [usize; 4] = [1000, 100, 10, 1];
 /// Bytes of content per statement, well under MariaDB's default 16 MiB max_allowed_packet.
 pub const CHUNK_MAX_BYTES: usize = 4 << 20;
 
@@ -127,6 +129,65 @@ pub fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
+/// One column, with sqlx's error sorted into ours.
+fn column<'r, R, T>(row: &'r R, name: &str) -> Result<T, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    row.try_get(name).map_err(classify)
+}
+
+/// An item from a `SELECT id, content, content_type, origin_*` row; the version is decoded by
+/// the caller (MySQL stores it unsigned, SQLite signed).
+pub fn item_from_row<'r, R>(row: &'r R, version: u64) -> Result<SyncItem, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: Vec<u8> = column(row, "id")?;
+    let content: Option<Vec<u8>> = column(row, "content")?;
+    let content_type: String = column(row, "content_type")?;
+    let topic: Option<String> = column(row, "origin_topic")?;
+    let partition: Option<i32> = column(row, "origin_partition")?;
+    let offset: Option<i64> = column(row, "origin_offset")?;
+    let origin = match (topic, partition, offset) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
+        _ => None,
+    };
+    Ok(SyncItem {
+        id: String::from_utf8_lossy(&id).into_owned(),
+        version,
+        content: content.map(Bytes::from),
+        content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
+        origin,
+    })
+}
+
+/// A summary from a `SELECT id, content_hash, deleted` row; version and time come decoded.
+pub fn summary_from_row<'r, R>(row: &'r R, version: u64, updated_at_ms: u64) -> Result<RowSummary, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: Vec<u8> = column(row, "id")?;
+    let hash: Vec<u8> = column(row, "content_hash")?;
+    Ok(RowSummary {
+        id: String::from_utf8_lossy(&id).into_owned(),
+        version,
+        content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
+        deleted: column(row, "deleted")?,
+        updated_at_ms,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +198,7 @@ mod tests {
         let item = SyncItem::new("a", Bytes::from_static(b"x"));
         let items: Vec<&SyncItem> = std::iter::repeat(&item).take(623).collect();
         let sizes: Vec<usize> = chunks(&items).iter().map(|chunk| chunk.len()).collect();
-        assert_eq!(sizes, vec![500, 100, 10, 10, 1, 1, 1]);
+        assert_eq!(sizes, vec![100, 100, 100, 100, 100, 100, 10, 10, 1, 1, 1]);
         assert_eq!(sizes.iter().sum::<usize>(), 623);
     }
 

@@ -2,11 +2,10 @@
 //!
 //! MariaDB has no `AS new` row alias, so the guard reads incoming values with `VALUES()`.
 
-use bytes::Bytes;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
-use crate::item::{now_ms, ContentType, Origin, SyncItem};
+use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError};
 
@@ -117,24 +116,13 @@ impl MySqlStore {
             self.table
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
-        row.map(|row| item_from_row(&row)).transpose()
+        row.map(|row| Ok::<_, StoreError>(sql::item_from_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)?)).transpose()
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
         let statement = format!("SELECT id, version, content_hash, deleted, updated_at_ms FROM {} ORDER BY id", self.table);
         let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
-                let hash: Vec<u8> = row.try_get("content_hash").map_err(classify)?;
-                Ok(RowSummary {
-                    id: String::from_utf8_lossy(&id).into_owned(),
-                    version: row.try_get("version").map_err(classify)?,
-                    content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
-                    deleted: row.try_get::<bool, _>("deleted").map_err(classify)?,
-                    updated_at_ms: row.try_get("updated_at_ms").map_err(classify)?,
-                })
-            })
+        rows.iter().map(|row| sql::summary_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?, row.try_get::<u64, _>("updated_at_ms").map_err(classify)?))
             .collect()
     }
 
@@ -143,22 +131,3 @@ impl MySqlStore {
     }
 }
 
-fn item_from_row(row: &MySqlRow) -> Result<SyncItem, StoreError> {
-    let id: Vec<u8> = row.try_get("id").map_err(classify)?;
-    let content: Option<Vec<u8>> = row.try_get("content").map_err(classify)?;
-    let content_type: String = row.try_get("content_type").map_err(classify)?;
-    let topic: Option<String> = row.try_get("origin_topic").map_err(classify)?;
-    let partition: Option<i32> = row.try_get("origin_partition").map_err(classify)?;
-    let offset: Option<i64> = row.try_get("origin_offset").map_err(classify)?;
-    let origin = match (topic, partition, offset) {
-        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
-        _ => None,
-    };
-    Ok(SyncItem {
-        id: String::from_utf8_lossy(&id).into_owned(),
-        version: row.try_get("version").map_err(classify)?,
-        content: content.map(Bytes::from),
-        content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
-        origin,
-    })
-}

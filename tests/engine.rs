@@ -1,0 +1,104 @@
+//! The library API against real MariaDB and a real Redis Cluster: submit, read-through
+//! fallback L1 → L2 → L3 with fills, versioned deletes, tier routing, shutdown flushing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sync_engine::storage::redis::RedisStore;
+use sync_engine::{CacheTtl, EngineConfig, SubmitOptions, SyncEngine, SyncItem, Tier, Tiers};
+use tokio::sync::watch;
+
+async fn engine(config: EngineConfig) -> SyncEngine {
+    let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
+    engine.start().await.expect("engine starts");
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_fall_back_from_l1_to_l2_to_l3_and_fill_the_faster_tiers() {
+    let names = Names::new("engine_get");
+    let writer = engine(engine_config(&names)).await;
+    let item = SyncItem::from_json("uk.nhs.patient.1", &serde_json::json!({"name": "Ada"})).with_version(10);
+    assert_eq!(writer.submit(item.clone()).await.unwrap(), Tier::L3);
+    assert_eq!(writer.get("uk.nhs.patient.1").await.unwrap().unwrap().content_as_json().unwrap()["name"], "Ada");
+    writer.shutdown(Duration::from_secs(5)).await;
+
+    // A fresh engine has an empty L1: the read comes from L2.
+    let reader = engine(engine_config(&names)).await;
+    let got = reader.get("uk.nhs.patient.1").await.unwrap().expect("found in L2");
+    assert_eq!((got.version, got.content.clone()), (10, item.content.clone()));
+
+    // Remove the L2 copy: a third engine must find it in L3 and refill L2.
+    let redis = RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap();
+    let client = redis::cluster::ClusterClient::new(redis_urls()).unwrap();
+    let mut connection = client.get_async_connection().await.unwrap();
+    let _: () = redis::AsyncCommands::del(&mut connection, redis.key("uk.nhs.patient.1")).await.unwrap();
+    assert!(redis.get("uk.nhs.patient.1").await.unwrap().is_none());
+    let third = engine(engine_config(&names)).await;
+    assert_eq!(third.get("uk.nhs.patient.1").await.unwrap().expect("found in L3").version, 10);
+    assert_eq!(redis.get("uk.nhs.patient.1").await.unwrap().expect("L2 refilled").version, 10);
+    assert!(third.get("uk.nhs.patient.missing").await.unwrap().is_none());
+    third.shutdown(Duration::from_secs(5)).await;
+    reader.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_version_never_wins_and_a_delete_is_a_versioned_tombstone() {
+    let names = Names::new("engine_order");
+    let engine = engine(engine_config(&names)).await;
+    engine.submit(SyncItem::new("a.b", b"new".to_vec()).with_version(5)).await.unwrap();
+    engine.submit(SyncItem::new("a.b", b"old".to_vec()).with_version(4)).await.unwrap();
+    assert_eq!(engine.get("a.b").await.unwrap().unwrap().content.as_deref(), Some(&b"new"[..]));
+    engine.delete("a.b").await.unwrap();
+    assert!(engine.get("a.b").await.unwrap().is_none());
+    // A replayed older upsert cannot resurrect it, in L3 or in L2.
+    engine.submit(SyncItem::new("a.b", b"old".to_vec()).with_version(5)).await.unwrap();
+    engine.shutdown(Duration::from_secs(5)).await;
+    let rows = l3_rows(&names).await;
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].deleted && rows[0].version > 5);
+    let redis = RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap();
+    assert!(redis.get("a.b").await.unwrap().unwrap().is_tombstone());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_route_items_and_ttls_reach_l2() {
+    let names = Names::new("engine_tiers");
+    let engine = engine(engine_config(&names)).await;
+    let l2_only = SubmitOptions { tiers: Tiers { l1: false, l2: true, l3: false }, redis_ttl: CacheTtl::After(Duration::from_secs(60)) };
+    assert_eq!(engine.submit_with(SyncItem::new("only.l2", b"x".to_vec()), l2_only).await.unwrap(), Tier::L2);
+    let l1_only = SubmitOptions { tiers: Tiers { l1: true, l2: false, l3: false }, redis_ttl: CacheTtl::Default };
+    assert_eq!(engine.submit_with(SyncItem::new("only.l1", b"y".to_vec()), l1_only).await.unwrap(), Tier::L1);
+    let forever = SubmitOptions { redis_ttl: CacheTtl::Forever, ..SubmitOptions::default() };
+    engine.submit_with(SyncItem::new("forever", b"z".to_vec()), forever).await.unwrap();
+    engine.shutdown(Duration::from_secs(5)).await;
+
+    let ids = ["only.l2", "only.l1", "forever"].map(String::from);
+    let l2 = l2_state(&names, ids.into_iter()).await;
+    let ttl = |id: &str| l2[id].map(|(_, _, ttl)| ttl);
+    assert!(ttl("only.l2").is_some_and(|ttl| (1..=60).contains(&ttl)), "{:?}", ttl("only.l2"));
+    assert_eq!(ttl("only.l1"), None, "an L1-only item never reaches L2");
+    assert_eq!(ttl("forever"), Some(-1), "ttl 0 means no expiry");
+    let rows: Vec<String> = l3_rows(&names).await.into_iter().map(|row| row.id).collect();
+    assert_eq!(rows, vec!["forever".to_owned()], "only the default-routed item reaches L3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_every_accepted_item() {
+    let names = Names::new("engine_shutdown");
+    let config = EngineConfig { batch: sync_engine::batch::BatchLimits { max_delay: Duration::from_secs(60), ..EngineConfig::in_memory().batch }, ..engine_config(&names) };
+    let engine = engine(config).await;
+    let mut receipts = Vec::new();
+    for index in 0..250 {
+        receipts.push(engine.enqueue(SyncItem::new(format!("s.{index}"), b"v".to_vec()), SubmitOptions::default()).await.unwrap());
+    }
+    // The batch is far from full and its age limit is a minute: only shutdown flushes it.
+    engine.shutdown(Duration::from_secs(10)).await;
+    for receipt in receipts {
+        assert_eq!(receipt.await, Ok(Tier::L3));
+    }
+    assert_eq!(l3_rows(&names).await.len(), 250);
+    assert!(engine.enqueue(SyncItem::new("late", b"v".to_vec()), SubmitOptions::default()).await.is_err());
+}
