@@ -84,16 +84,20 @@ async fn a_worker_killed_mid_stream_loses_nothing_after_restart_and_sigterm_exit
     // Small batches slow the first worker down, so the kill surely lands mid-stream.
     let mut worker = spawn_worker(&names, port, &[("SYNC_BATCH_MAX_ITEMS", "20".into())]);
     let total: i64 = ends.0.values().sum();
-    let names_probe = names.clone();
-    let mid_stream = eventually(Duration::from_secs(60), move || {
-        let sum: i64 = committed(&names_probe, PARTITIONS).values().sum();
-        sum > 0 && sum < total
-    })
-    .await;
+    let mut committed_before_kill = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while committed_before_kill == 0 && std::time::Instant::now() < deadline {
+        let names = names.clone();
+        committed_before_kill = tokio::task::spawn_blocking(move || committed(&names, PARTITIONS).values().sum::<i64>()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     signal(&worker, "KILL");
     let status = wait_exit(&mut worker, Duration::from_secs(10)).await.expect("killed worker exits");
     assert!(!status.success());
-    assert!(mid_stream, "the kill must land after the first commit and before the last");
+    assert!(
+        committed_before_kill > 0 && committed_before_kill < total,
+        "the kill must land after the first commit and before the last: {committed_before_kill} of {total}"
+    );
 
     // More data arrives while no worker runs; then a fresh process takes over.
     let rest: Vec<_> = workload.by_ref().collect();

@@ -1,9 +1,10 @@
 //! The worker loop: consumer events in, engine and dead-letter writes out, offsets committed
 //! only up to what has settled (invariant 1).
 //!
-//! One async task owns the offset tracker. It selects, in this order of priority, on:
-//! settled items (acknowledgements are handled before new input, so memory drains first),
-//! consumer events (records, revokes, assignments), the commit timer, and the stop signal.
+//! One async task owns the offset tracker. It selects, in this order of priority, on: the
+//! commit timer and the stop signal (rarely ready, so they cannot starve the rest), settled
+//! items (acknowledgements are handled before new input, so memory drains first), and
+//! consumer events (records, revokes, assignments).
 //! A record is tracked before it is handed to the engine or the dead-letter producer; its
 //! bytes leave the in-flight count when it settles, which is what lets the consumer thread
 //! resume paused partitions.
@@ -94,14 +95,16 @@ pub async fn run(
     commit_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            // The timer and the stop signal come first: they are rarely ready, and with a
+            // backlog the branches below always are, so they would starve behind them.
             biased;
+            _ = commit_timer.tick() => worker.commit(&commands_tx, false),
+            _ = stop.cancelled() => break,
             Some(settled) = worker.inflight.next(), if !worker.inflight.is_empty() => worker.on_settled(settled),
             event = events_rx.recv() => match event {
                 Some(event) => worker.on_event(event).await,
                 None => break,
             },
-            _ = commit_timer.tick() => worker.commit(&commands_tx, false),
-            _ = stop.cancelled() => break,
         }
     }
     tracing::info!("stopping: draining in-flight items");
