@@ -57,16 +57,6 @@ impl L1Cache {
             self.cache.invalidate_all();
         }
     }
-
-    pub fn invalidate(&self, id: &str) {
-        let cache = self.cache.clone();
-        let id = id.to_owned();
-        tokio::spawn(async move { cache.invalidate(&id).await });
-    }
-
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
 }
 
 #[cfg(test)]

@@ -136,25 +136,45 @@ async fn a_small_memory_budget_pauses_and_resumes_partitions_and_loses_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_workers_in_one_group_split_the_partitions_and_lose_nothing() {
+async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_and_nothing_is_lost() {
     let names = Names::new("group");
     create_topic(&names.topic, PARTITIONS).await;
-    let mut workload = Workload::new(spec(&names, 8_000, 2_000));
-    let first = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let mut workload = Workload::new(spec(&names, 16_000, 4_000));
+    let first_part: Vec<_> = workload.by_ref().take(10_000).collect();
+    let producer = sync_engine::kafka::producer::ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let mut ends = sync_engine::kafka::producer::publish_all(&producer, first_part, 0, || {}).await.unwrap();
+
+    // Small batches keep the first worker busy, so the rebalance lands while it holds items.
+    let slow = sync_engine::config::EngineConfig {
+        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::EngineConfig::in_memory().batch },
+        ..engine_config(&names)
+    };
+    let first = InProcessWorker::start_with(slow, kafka_config(&names)).await;
+    let started = eventually(Duration::from_secs(30), || first.stats.stored.load(Ordering::Relaxed) > 0).await;
+    assert!(started, "the first worker must be consuming before the second joins");
     let second = InProcessWorker::start(&names, kafka_config(&names)).await;
-    // Let both join before the data arrives, so both get partitions.
-    let both_assigned = eventually(Duration::from_secs(30), || {
-        first.stats.assigned_partitions.load(Ordering::Relaxed) > 0 && second.stats.assigned_partitions.load(Ordering::Relaxed) > 0
+    let split = eventually(Duration::from_secs(40), || {
+        let (a, b) = (first.stats.assigned_partitions.load(Ordering::Relaxed), second.stats.assigned_partitions.load(Ordering::Relaxed));
+        a > 0 && b > 0 && a + b == PARTITIONS as u64
     })
     .await;
-    assert!(both_assigned, "both workers must own partitions");
-    let ends = produce(&names, &mut workload).await;
+    assert!(split, "the partitions must be split between the two workers");
+    assert!(first.stats.revokes.load(Ordering::Relaxed) > 0, "the first worker went through a revoke");
+
+    // More data after the split: both workers must take part.
+    let rest: Vec<_> = workload.by_ref().collect();
+    let more = sync_engine::kafka::producer::publish_all(&producer, rest, 0, || {}).await.unwrap();
+    producer.flush();
+    for (partition, end) in more.0 {
+        ends.record(partition, end - 1);
+    }
+    let before = (first.stats.stored.load(Ordering::Relaxed), second.stats.stored.load(Ordering::Relaxed));
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
-    let (a, b) = (first.stats.stored.load(Ordering::Relaxed), second.stats.stored.load(Ordering::Relaxed));
+    let after = (first.stats.stored.load(Ordering::Relaxed), second.stats.stored.load(Ordering::Relaxed));
     first.stop().await;
     second.stop().await;
     assert_eq!(committed, ends.0);
-    assert!(a > 0 && b > 0, "both workers must have stored items: {a} and {b}");
+    assert!(after.0 > before.0 && after.1 > before.1, "both workers must store items after the split: {before:?} -> {after:?}");
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
     assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
 }

@@ -36,14 +36,20 @@ use crate::pressure::{Pressure, PressureDecision};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
-/// What the consumer thread tells the worker.
+/// What the consumer thread tells the worker, in consumption order.
 pub enum ConsumerEvent {
     Record(RawRecord),
+    Assigned(Vec<TopicPartition>),
+}
+
+/// Partitions going away. These travel on their own channel so they overtake the records
+/// queued before them: the worker drops those records (they stay uncommitted) instead of
+/// working through them while the rebalance waits.
+pub enum RebalanceEvent {
     /// Settle these partitions and reply with their committable offsets before the deadline.
     Revoked { partitions: Vec<TopicPartition>, reply: std_mpsc::SyncSender<Vec<(TopicPartition, i64)>> },
     /// Partitions taken away without a chance to commit: forget them.
     Lost(Vec<TopicPartition>),
-    Assigned(Vec<TopicPartition>),
 }
 
 /// What the worker tells the consumer thread.
@@ -57,6 +63,7 @@ pub enum ConsumerCommand {
 
 struct WorkerContext {
     events_tx: mpsc::UnboundedSender<ConsumerEvent>,
+    rebalance_tx: mpsc::UnboundedSender<RebalanceEvent>,
     revoke_deadline: Duration,
     /// Set at shutdown: the worker has committed and no longer answers revokes.
     closing: AtomicBool,
@@ -88,12 +95,12 @@ impl ConsumerContext for WorkerContext {
         if consumer.assignment_lost() {
             metrics::counter!(m::REBALANCES, "kind" => "lost").increment(1);
             tracing::warn!(partitions = partitions.len(), "partitions lost, committing nothing for them");
-            let _ = self.events_tx.send(ConsumerEvent::Lost(partitions));
+            let _ = self.rebalance_tx.send(RebalanceEvent::Lost(partitions));
             return;
         }
         metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
         let (reply_tx, reply_rx) = std_mpsc::sync_channel(1);
-        if self.events_tx.send(ConsumerEvent::Revoked { partitions, reply: reply_tx }).is_err() {
+        if self.rebalance_tx.send(RebalanceEvent::Revoked { partitions, reply: reply_tx }).is_err() {
             return;
         }
         // The worker answers within its deadline; the margin covers its final bookkeeping.
@@ -125,6 +132,7 @@ impl ConsumerContext for WorkerContext {
 
 pub struct ConsumerHandle {
     pub events_rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    pub rebalance_rx: mpsc::UnboundedReceiver<RebalanceEvent>,
     pub commands_tx: std_mpsc::Sender<ConsumerCommand>,
     pub thread: JoinHandle<()>,
 }
@@ -132,9 +140,11 @@ pub struct ConsumerHandle {
 /// Creates the consumer, subscribes, and starts its thread.
 pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>, stats: Arc<WorkerStats>) -> KafkaResult<ConsumerHandle> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (rebalance_tx, rebalance_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = std_mpsc::channel();
     let context = WorkerContext {
         events_tx: events_tx.clone(),
+        rebalance_tx,
         revoke_deadline: kafka.revoke_deadline,
         closing: AtomicBool::new(false),
         assigned: AtomicBool::new(false),
@@ -146,9 +156,9 @@ pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>, stats: Arc<Wo
     metrics::gauge!(m::MEMORY_BUDGET).set(kafka.memory_budget_bytes as f64);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || PollLoop { consumer, events_tx, commands_rx, bytes_in_flight, stats, pressure, paused: false, fetching: true }.run())
+        .spawn(move || PollLoop { consumer, events_tx, commands_rx, bytes_in_flight, stats, pressure, paused: false, fetching: true, topics: Vec::new() }.run())
         .map_err(|error| rdkafka::error::KafkaError::Subscription(error.to_string()))?;
-    Ok(ConsumerHandle { events_rx, commands_tx, thread })
+    Ok(ConsumerHandle { events_rx, rebalance_rx, commands_tx, thread })
 }
 
 struct PollLoop {
@@ -160,6 +170,7 @@ struct PollLoop {
     pressure: Pressure,
     paused: bool,
     fetching: bool,
+    topics: Vec<Arc<str>>,
 }
 
 impl PollLoop {
@@ -171,7 +182,8 @@ impl PollLoop {
             self.apply_pressure();
             match self.consumer.poll(POLL_TIMEOUT) {
                 Some(Ok(message)) if self.fetching => {
-                    let record = to_raw_record(&message);
+                    let topic = intern(&mut self.topics, message.topic());
+                    let record = to_raw_record(&message, topic);
                     let in_flight = self.bytes_in_flight.fetch_add(record.size_bytes() as u64, Ordering::SeqCst);
                     self.stats.peak_bytes_in_flight.fetch_max(in_flight + record.size_bytes() as u64, Ordering::Relaxed);
                     metrics::counter!(m::RECORDS_CONSUMED, "topic" => message.topic().to_owned()).increment(1);
@@ -262,11 +274,21 @@ fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i6
     Ok(())
 }
 
+/// One shared `Arc<str>` per topic name instead of an allocation per record.
+fn intern(topics: &mut Vec<Arc<str>>, topic: &str) -> Arc<str> {
+    if let Some(known) = topics.iter().find(|known| known.as_ref() == topic) {
+        return known.clone();
+    }
+    let topic: Arc<str> = Arc::from(topic);
+    topics.push(topic.clone());
+    topic
+}
+
 fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
     list.elements().iter().map(|element| (Arc::from(element.topic()), element.partition())).collect()
 }
 
-fn to_raw_record(message: &BorrowedMessage<'_>) -> RawRecord {
+fn to_raw_record(message: &BorrowedMessage<'_>, topic: Arc<str>) -> RawRecord {
     let headers = message
         .headers()
         .map(|headers| {
@@ -274,7 +296,7 @@ fn to_raw_record(message: &BorrowedMessage<'_>) -> RawRecord {
         })
         .unwrap_or_default();
     RawRecord {
-        topic: Arc::from(message.topic()),
+        topic,
         partition: message.partition(),
         offset: message.offset(),
         timestamp_ms: message.timestamp().to_millis(),

@@ -101,10 +101,6 @@ impl OffsetTracker {
             })
             .collect()
     }
-
-    pub fn committable(&self, topic: &str, partition: i32) -> Option<i64> {
-        self.partitions.get(&(Arc::from(topic), partition)).and_then(PartitionOffsets::committable)
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! bytes leave the in-flight count when it settles, which is what lets the consumer thread
 //! resume paused partitions.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +17,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::{self, ConsumerCommand, ConsumerEvent, ConsumerHandle};
+use super::consumer::{self, ConsumerCommand, ConsumerEvent, ConsumerHandle, RebalanceEvent};
 use super::dlq::DeadLetterProducer;
 use super::offsets::{OffsetTracker, TopicPartition};
 use crate::config::KafkaConfig;
@@ -37,6 +39,8 @@ pub struct WorkerStats {
     pub commits: AtomicU64,
     /// Times the consumer paused its partitions for memory pressure.
     pub pauses: AtomicU64,
+    /// Revokes this worker settled and answered.
+    pub revokes: AtomicU64,
     /// Partitions currently assigned to this worker.
     pub assigned_partitions: AtomicU64,
     /// Highest bytes-in-flight seen by the consumer thread.
@@ -64,6 +68,8 @@ pub struct Worker {
     dlq: DeadLetterProducer,
     tracker: OffsetTracker,
     inflight: FuturesUnordered<BoxFuture<'static, Settled>>,
+    /// Consumer events set aside while a rebalance drained the channel.
+    backlog: VecDeque<ConsumerEvent>,
     bytes_in_flight: Arc<AtomicU64>,
     limits: DecodeLimits,
     revoke_deadline: Duration,
@@ -80,12 +86,13 @@ pub async fn run(
     stats: Arc<WorkerStats>,
 ) -> anyhow::Result<()> {
     let bytes_in_flight = Arc::new(AtomicU64::new(0));
-    let ConsumerHandle { mut events_rx, commands_tx, thread } = consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
+    let ConsumerHandle { mut events_rx, mut rebalance_rx, commands_tx, thread } = consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
     let mut worker = Worker {
         engine,
         dlq: DeadLetterProducer::new(&kafka)?,
         tracker: OffsetTracker::default(),
         inflight: FuturesUnordered::new(),
+        backlog: VecDeque::new(),
         bytes_in_flight,
         limits: DecodeLimits { max_item_bytes: kafka.max_item_bytes },
         revoke_deadline: kafka.revoke_deadline,
@@ -94,12 +101,18 @@ pub async fn run(
     let mut commit_timer = tokio::time::interval(kafka.commit_interval);
     commit_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Events set aside during a rebalance come before newer ones.
+        if let Some(event) = worker.backlog.pop_front() {
+            worker.on_event(event).await;
+            continue;
+        }
         tokio::select! {
             // The timer and the stop signal come first: they are rarely ready, and with a
             // backlog the branches below always are, so they would starve behind them.
             biased;
             _ = commit_timer.tick() => worker.commit(&commands_tx, false),
             _ = stop.cancelled() => break,
+            Some(event) = rebalance_rx.recv() => worker.on_rebalance(event, &mut events_rx).await,
             Some(settled) = worker.inflight.next(), if !worker.inflight.is_empty() => worker.on_settled(settled),
             event = events_rx.recv() => match event {
                 Some(event) => worker.on_event(event).await,
@@ -126,17 +139,36 @@ impl Worker {
     async fn on_event(&mut self, event: ConsumerEvent) {
         match event {
             ConsumerEvent::Record(record) => self.on_record(record).await,
-            ConsumerEvent::Revoked { partitions, reply } => {
-                self.stats.assigned_partitions.store(0, Ordering::Relaxed);
-                let offsets = self.settle_partitions(&partitions).await;
-                let _ = reply.send(offsets);
-            }
-            ConsumerEvent::Lost(partitions) => {
-                self.tracker.remove(&partitions);
-                self.engine.drop_partitions_from_l1(partitions);
-            }
             ConsumerEvent::Assigned(partitions) => {
                 self.stats.assigned_partitions.store(partitions.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Revoke or loss. The consumer thread is blocked in its rebalance callback, so the
+    /// events channel holds everything it will deliver before the rebalance: records of the
+    /// departing partitions are dropped unstarted (uncommitted, the next owner gets them), the
+    /// rest is kept, in order, for after.
+    async fn on_rebalance(&mut self, event: RebalanceEvent, events_rx: &mut UnboundedReceiver<ConsumerEvent>) {
+        let partitions = match &event {
+            RebalanceEvent::Revoked { partitions, .. } | RebalanceEvent::Lost(partitions) => partitions.clone(),
+        };
+        self.stats.assigned_partitions.store(0, Ordering::Relaxed);
+        while let Ok(queued) = events_rx.try_recv() {
+            match queued {
+                ConsumerEvent::Record(record) if partitions.contains(&(record.topic.clone(), record.partition)) => self.release(&record),
+                other => self.backlog.push_back(other),
+            }
+        }
+        match event {
+            RebalanceEvent::Revoked { partitions, reply } => {
+                let offsets = self.settle_partitions(&partitions).await;
+                self.stats.revokes.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(offsets);
+            }
+            RebalanceEvent::Lost(partitions) => {
+                self.tracker.remove(&partitions);
+                self.engine.drop_partitions_from_l1(partitions);
             }
         }
     }
@@ -256,13 +288,12 @@ impl Worker {
     }
 
     /// Shutdown: drop records not yet started (they stay uncommitted), then settle the rest.
-    async fn drain(&mut self, events_rx: &mut tokio::sync::mpsc::UnboundedReceiver<ConsumerEvent>, grace: Duration) -> bool {
+    async fn drain(&mut self, events_rx: &mut UnboundedReceiver<ConsumerEvent>, grace: Duration) -> bool {
         events_rx.close();
-        while let Ok(event) = events_rx.try_recv() {
-            match event {
-                ConsumerEvent::Record(record) => self.release(&record),
-                ConsumerEvent::Revoked { reply, .. } => drop(reply),
-                ConsumerEvent::Lost(_) | ConsumerEvent::Assigned(_) => {}
+        let queued = std::iter::from_fn(|| events_rx.try_recv().ok());
+        for event in std::mem::take(&mut self.backlog).into_iter().chain(queued) {
+            if let ConsumerEvent::Record(record) = event {
+                self.release(&record);
             }
         }
         let deadline = Instant::now() + grace;

@@ -131,7 +131,10 @@ pub struct InProcessWorker {
 
 impl InProcessWorker {
     pub async fn start(names: &Names, kafka: KafkaConfig) -> InProcessWorker {
-        let config = engine_config(names);
+        InProcessWorker::start_with(engine_config(names), kafka).await
+    }
+
+    pub async fn start_with(config: EngineConfig, kafka: KafkaConfig) -> InProcessWorker {
         let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
         engine.start().await.expect("engine starts");
         let engine = Arc::new(engine);
