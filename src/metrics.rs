@@ -32,7 +32,9 @@ pub const COMMIT_ERRORS: &str = "sync_commit_errors_total";
 pub const REBALANCES: &str = "sync_rebalances_total";
 pub const PAUSES: &str = "sync_partition_pauses_total";
 
-const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 const BATCH_BUCKETS: [f64; 10] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
 /// Installs the global recorder once (later calls return the first handle) and describes
