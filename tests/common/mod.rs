@@ -151,13 +151,14 @@ impl InProcessWorker {
     }
 }
 
+/// A client of the test's group that never subscribes, so it never joins the group.
+fn group_client(names: &Names) -> BaseConsumer {
+    ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &names.group).create().expect("consumer")
+}
+
 /// The group's committed offsets, read without joining the group.
 pub fn committed(names: &Names, partitions: i32) -> HashMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", &names.group)
-        .create()
-        .expect("consumer");
+    let consumer = group_client(names);
     let mut list = TopicPartitionList::new();
     for partition in 0..partitions {
         list.add_partition(&names.topic, partition);
@@ -175,11 +176,7 @@ pub fn committed(names: &Names, partitions: i32) -> HashMap<i32, i64> {
 
 /// Commits offset 0 for every partition: a replay from the start (group must be empty).
 pub fn reset_to_earliest(names: &Names, partitions: i32) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", &names.group)
-        .create()
-        .expect("consumer");
+    let consumer = group_client(names);
     let mut list = TopicPartitionList::new();
     for partition in 0..partitions {
         list.add_partition_offset(&names.topic, partition, Offset::Offset(0)).unwrap();
