@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod options;
 pub mod produce;
 pub mod pressure;
+pub mod resilience;
 pub mod storage;
 pub mod workload;
 

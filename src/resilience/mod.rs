@@ -1,0 +1,6 @@
+//! Surviving backend outages: the local write-ahead log for L3 (`wal.rs`, its byte format in
+//! `wal_format.rs`) and circuit breakers (`circuit_breaker.rs`).
+
+pub mod circuit_breaker;
+pub mod wal;
+pub mod wal_format;
