@@ -105,6 +105,7 @@ def main():
         "SYNC_METRICS_ADDR": f"127.0.0.1:{port}", "SYNC_MEMORY_BUDGET_BYTES": str(args.budget), "SYNC_L1_MAX_BYTES": str(args.l1),
         "SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS": "6000", "SYNC_REVOKE_DEADLINE_MS": "4000",
         "SYNC_COMMIT_INTERVAL_MS": "200", "SYNC_LOG": "warn",
+        "SYNC_WAL_DIR": f"/tmp/sync-engine-bench-wal-{run_id}",
     }
     # Any SYNC_* setting in the bench's environment tunes the worker (e.g. SYNC_BATCH_MAX_ITEMS).
     env.update({k: v for k, v in os.environ.items() if k.startswith("SYNC_") and not k.startswith("SYNC_TEST_")})

@@ -91,7 +91,12 @@ pub struct EngineConfig {
     pub sql_table: String,
     pub batch: BatchLimits,
     pub l1_max_bytes: u64,
-    pub wal_dir: PathBuf,
+    /// Where batches for an unavailable L3 are logged; `None` = no WAL (L3 writes wait).
+    pub wal_dir: Option<PathBuf>,
+    pub wal_max_bytes: u64,
+    /// Consecutive L3 failures that open its circuit breaker, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_cool_down: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -234,7 +239,10 @@ impl Config {
             sql_table,
             batch,
             l1_max_bytes: r.number("SYNC_L1_MAX_BYTES", 64 << 20, 0, 64 * GIB),
-            wal_dir: PathBuf::from(r.text("SYNC_WAL_DIR", "/var/lib/sync-engine/wal")),
+            wal_dir: Some(PathBuf::from(r.text("SYNC_WAL_DIR", "/var/lib/sync-engine/wal"))),
+            wal_max_bytes: r.number("SYNC_WAL_MAX_BYTES", GIB, 1 << 20, 1 << 50),
+            breaker_failures: r.number("SYNC_BREAKER_FAILURES", 3, 1, 1_000),
+            breaker_cool_down: Duration::from_millis(r.number("SYNC_BREAKER_COOLDOWN_MS", 2_000, 10, 600_000)),
         };
         let config = Config {
             kafka,
@@ -262,7 +270,10 @@ impl EngineConfig {
             sql_table: "sync_items".into(),
             batch: BatchLimits { max_items: 1000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) },
             l1_max_bytes: 64 << 20,
-            wal_dir: std::env::temp_dir(),
+            wal_dir: None,
+            wal_max_bytes: GIB,
+            breaker_failures: 3,
+            breaker_cool_down: Duration::from_secs(2),
         }
     }
 }

@@ -73,7 +73,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     let dir = tempfile::tempdir()?;
     let engine_config = EngineConfig {
         sql_url: Some(Secret::new(format!("sqlite://{}", dir.path().join("demo.db").display()))),
-        wal_dir: dir.path().join("wal"),
+        wal_dir: Some(dir.path().join("wal")),
         ..EngineConfig::in_memory()
     };
     let mut engine = SyncEngine::new(engine_config.clone(), watch::channel(engine_config).1);

@@ -31,6 +31,13 @@ pub const OFFSETS_COMMITTED: &str = "sync_offsets_committed_total";
 pub const COMMIT_ERRORS: &str = "sync_commit_errors_total";
 pub const REBALANCES: &str = "sync_rebalances_total";
 pub const PAUSES: &str = "sync_partition_pauses_total";
+pub const WAL_BYTES: &str = "sync_wal_bytes";
+pub const WAL_APPENDED_ITEMS: &str = "sync_wal_appended_items_total";
+pub const WAL_DRAINED_ITEMS: &str = "sync_wal_drained_items_total";
+pub const WAL_CORRUPT_RECORDS: &str = "sync_wal_corrupt_records_total";
+pub const WAL_TORN_BYTES: &str = "sync_wal_torn_bytes_total";
+pub const WAL_ERRORS: &str = "sync_wal_errors_total";
+pub const CIRCUIT_STATE: &str = "sync_circuit_state";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -76,6 +83,13 @@ fn describe() {
     describe_counter!(COMMIT_ERRORS, "Offset commits Kafka refused");
     describe_counter!(REBALANCES, "Rebalance events, by kind (assign, revoke, lost)");
     describe_counter!(PAUSES, "Times the worker paused its partitions for memory pressure");
+    describe_gauge!(WAL_BYTES, Unit::Bytes, "Bytes in the local write-ahead log, waiting to drain into L3");
+    describe_counter!(WAL_APPENDED_ITEMS, "Items settled in the write-ahead log because L3 was unavailable");
+    describe_counter!(WAL_DRAINED_ITEMS, "Items replayed from the write-ahead log into L3");
+    describe_counter!(WAL_CORRUPT_RECORDS, "Write-ahead log records that failed their checksum (skipped)");
+    describe_counter!(WAL_TORN_BYTES, Unit::Bytes, "Bytes cut from torn write-ahead log tails at start (never settled)");
+    describe_counter!(WAL_ERRORS, "Write-ahead log appends or drains that failed (full, i/o)");
+    describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
 }
 
 /// Readiness: set once the worker is connected and consuming.

@@ -38,6 +38,7 @@ fn spawn_worker(names: &Names, metrics_port: u16, extra: &[(&str, String)]) -> C
         .env("SYNC_REVOKE_DEADLINE_MS", "4000")
         .env("SYNC_COMMIT_INTERVAL_MS", "200")
         .env("SYNC_LOG", "warn")
+        .env("SYNC_WAL_DIR", std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group)))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (name, value) in extra {

@@ -2,8 +2,9 @@
 //!
 //! Per batch: the newest version of each id is written (older ones in the same batch are
 //! superseded, which the stores' guards would make a no-op anyway), L2 and L3 concurrently.
-//! L3 is the ground truth: an L3 write is retried while L3 is unavailable, and a batch L3
-//! rejects is split into single items so only the offending ones are rejected (and then
+//! L3 is the ground truth: while L3 is unavailable a batch is logged to the write-ahead log
+//! and settles there (or, without a WAL, is retried), and a batch L3 rejects is split into
+//! single items so only the offending ones are rejected (and then
 //! dead-lettered by the worker), in their original order. An L2 failure does not hold back
 //! items that also go to L3; items whose last tier is L2 are retried until L2 takes them.
 //! Up to `CONCURRENT_BATCHES` batches are written at once; the version guards make the
@@ -59,9 +60,9 @@ async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &Cancellati
     let to_l3: Vec<(usize, &Pending)> =
         batch.iter().enumerate().filter(|(_, p)| p.options.tiers.l3 && stores.l3.is_some()).collect();
     let to_l2: Vec<&Pending> = batch.iter().filter(|p| p.options.tiers.l2 && stores.l2.is_some()).collect();
-    let (l3_results, l2_failed) = tokio::join!(write_l3(stores, &to_l3, aborting), write_l2(stores, &to_l2, aborting));
+    let (l3_outcome, l2_failed) = tokio::join!(write_l3(stores, &to_l3, aborting), write_l2(stores, &to_l2, aborting));
     for (index, pending) in batch.into_iter().enumerate() {
-        let result = settle_result(stores, &pending, l3_results.get(&index), &l2_failed);
+        let result = settle_result(stores, &pending, &l3_outcome, index, &l2_failed);
         if let Ok(tier) = &result {
             metrics::counter!(m::ITEMS_SETTLED, "tier" => tier.as_str()).increment(1);
             metrics::histogram!(m::ITEM_SETTLE_SECONDS).record(pending.enqueued_at.elapsed().as_secs_f64());
@@ -71,15 +72,10 @@ async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &Cancellati
 }
 
 /// The outcome of one item, from its last tier.
-fn settle_result(
-    stores: &Stores,
-    pending: &Pending,
-    l3_rejection: Option<&SettleError>,
-    l2_failed: &Option<SettleError>,
-) -> SettleResult {
+fn settle_result(stores: &Stores, pending: &Pending, l3: &L3Outcome, index: usize, l2_failed: &Option<SettleError>) -> SettleResult {
     let tiers = pending.options.tiers;
     if tiers.l3 && stores.l3.is_some() {
-        return l3_rejection.map_or(Ok(Tier::L3), |error| Err(error.clone()));
+        return l3.unsettled.get(&index).map_or(Ok(l3.tier), |error| Err(error.clone()));
     }
     if tiers.l2 && stores.l2.is_some() {
         return l2_failed.as_ref().map_or(Ok(Tier::L2), |error| Err(error.clone()));
@@ -105,29 +101,51 @@ fn newest_per_id<'a>(pending: impl Iterator<Item = &'a Pending>) -> Vec<&'a Sync
     items
 }
 
-/// Writes to L3; returns the batch positions of the items that did not settle, and why.
-async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &CancellationToken) -> HashMap<usize, SettleError> {
-    let Some(l3) = &stores.l3 else { return HashMap::new() };
+/// How the L3-bound items of a batch ended: the tier that took them, and the batch positions
+/// of those that did not settle, with why.
+struct L3Outcome {
+    tier: Tier,
+    unsettled: HashMap<usize, SettleError>,
+}
+
+/// Writes to L3; while L3 is unavailable (or its breaker is open) the batch goes to the
+/// write-ahead log instead. Without a WAL, or with a full one, it waits and retries.
+async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &CancellationToken) -> L3Outcome {
+    let settled = |tier| L3Outcome { tier, unsettled: HashMap::new() };
+    let Some(l3) = &stores.l3 else { return settled(Tier::L3) };
     if to_l3.is_empty() {
-        return HashMap::new();
+        return settled(Tier::L3);
     }
     let started = Instant::now();
     let items = newest_per_id(to_l3.iter().map(|(_, p)| *p));
     let mut backoff = RETRY_FIRST;
     let outcome = loop {
-        match l3.write_batch(&items).await {
-            Err(StoreError::Unavailable(error)) => {
-                metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "L3 unavailable, retrying batch");
-                if !sleep_or_abort(&mut backoff, aborting).await {
-                    break abandon_all(to_l3);
+        if stores.l3_breaker_allows() {
+            match l3.write_batch(&items).await {
+                Ok(()) => {
+                    stores.l3_breaker_result(true);
+                    break settled(Tier::L3);
+                }
+                Err(StoreError::Rejected(error)) => {
+                    stores.l3_breaker_result(true);
+                    tracing::warn!(%error, items = items.len(), "L3 rejected a batch, writing its items one by one");
+                    break L3Outcome { tier: Tier::L3, unsettled: write_l3_one_by_one(stores, to_l3, aborting).await };
+                }
+                Err(StoreError::Unavailable(error)) => {
+                    stores.l3_breaker_result(false);
+                    metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
+                    tracing::warn!(%error, "L3 unavailable");
                 }
             }
-            Err(StoreError::Rejected(error)) => {
-                tracing::warn!(%error, items = items.len(), "L3 rejected a batch, writing its items one by one");
-                break write_l3_one_by_one(stores, to_l3, aborting).await;
+        }
+        if let Some(wal) = &stores.wal {
+            match super::wal::append(wal, &items).await {
+                Ok(()) => break settled(Tier::Wal),
+                Err(error) => tracing::warn!(%error, "cannot append to the write-ahead log, retrying"),
             }
-            Ok(()) => break HashMap::new(),
+        }
+        if !sleep_or_abort(&mut backoff, aborting).await {
+            break L3Outcome { tier: Tier::L3, unsettled: abandon_all(to_l3) };
         }
     };
     metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l3").record(started.elapsed().as_secs_f64());

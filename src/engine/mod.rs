@@ -7,11 +7,16 @@
 //! the tier that made it durable. The Kafka worker awaits these acknowledgements to know what
 //! it may commit; library users simply await `submit`.
 //!
+//! When L3 is unavailable (or its circuit breaker is open) a batch is appended and fsynced to
+//! the local write-ahead log instead and settles there (`wal.rs`); a drain task replays the
+//! log into L3 once it answers again.
+//!
 //! Reads go L1 → L2 → L3 and fill the faster tiers on a hit. Shutdown closes the queue,
 //! flushes what was accepted, and waits for the flush to finish: nothing accepted is lost.
 
 mod batching;
 mod flushing;
+mod wal;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,6 +31,7 @@ use crate::cache::L1Cache;
 use crate::config::EngineConfig;
 use crate::item::{now_ms, SyncItem};
 use crate::options::SubmitOptions;
+use crate::resilience::circuit_breaker::CircuitBreaker;
 use crate::storage::redis::RedisStore;
 use crate::storage::sql::SqlStore;
 use crate::storage::StoreError;
@@ -36,6 +42,8 @@ pub enum Tier {
     L1,
     L2,
     L3,
+    /// Appended and fsynced to the local write-ahead log while L3 was unavailable.
+    Wal,
 }
 
 impl Tier {
@@ -44,6 +52,7 @@ impl Tier {
             Tier::L1 => "l1",
             Tier::L2 => "l2",
             Tier::L3 => "l3",
+            Tier::Wal => "wal",
         }
     }
 }
@@ -70,6 +79,8 @@ pub enum EngineError {
     InvalidItem(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot open the write-ahead log: {0}")]
+    Wal(crate::resilience::wal::WalError),
     #[error(transparent)]
     Settle(#[from] SettleError),
 }
@@ -99,11 +110,31 @@ struct Pending {
     ack: oneshot::Sender<SettleResult>,
 }
 
-/// The connected tiers below L1.
+/// The connected tiers below L1, the L3 write-ahead log and the L3 circuit breaker.
 pub(crate) struct Stores {
     pub l2: Option<RedisStore>,
     pub l3: Option<SqlStore>,
+    pub wal: Option<wal::SharedWal>,
+    // A std Mutex: held for a state check or update, never across an await.
+    pub l3_breaker: std::sync::Mutex<CircuitBreaker>,
     pub redis_ttl_secs: u64,
+}
+
+impl Stores {
+    pub fn l3_breaker_allows(&self) -> bool {
+        self.l3_breaker.lock().map(|mut breaker| breaker.allow(std::time::Instant::now())).unwrap_or(true)
+    }
+
+    pub fn l3_breaker_result(&self, success: bool) {
+        if let Ok(mut breaker) = self.l3_breaker.lock() {
+            if success {
+                breaker.on_success();
+            } else {
+                breaker.on_failure(std::time::Instant::now());
+            }
+            metrics::gauge!(crate::metrics::CIRCUIT_STATE, "backend" => "l3").set(breaker.gauge_value());
+        }
+    }
 }
 
 pub struct SyncEngine {
@@ -146,12 +177,18 @@ impl SyncEngine {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
         };
-        let stores = Arc::new(Stores { l2, l3, redis_ttl_secs: self.config.redis_ttl_secs });
+        let wal = match (&l3, &self.config.wal_dir) {
+            (Some(_), Some(dir)) => Some(wal::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?),
+            _ => None,
+        };
+        let l3_breaker = std::sync::Mutex::new(CircuitBreaker::new(self.config.breaker_failures, self.config.breaker_cool_down));
+        let stores = Arc::new(Stores { l2, l3, wal, l3_breaker, redis_ttl_secs: self.config.redis_ttl_secs });
         // Two batches may wait while one is written: enough to overlap batching with writing.
         let (queue_tx, queue_rx) = mpsc::channel(self.config.batch.max_items.max(1) * 2);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         self.tasks.spawn(batching::run(queue_rx, batch_tx, self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
+        self.tasks.spawn(wal::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
         self.queue_tx = Some(queue_tx);

@@ -1,0 +1,153 @@
+//! The engine's side of the write-ahead log: appending a batch when L3 is unavailable, and
+//! the drain task that replays the log into L3 once L3 answers again.
+//!
+//! File I/O (and its fsync) runs on the blocking pool, never on an async worker thread. The
+//! log sits behind a std Mutex, held only for one append or one bookkeeping step: sealed
+//! segments are read without it, one frame at a time, so draining never blocks appends for
+//! long and never loads the whole log into memory. The L3 circuit breaker is the drain's
+//! probe: a failed drain keeps it open, a successful one closes it.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Stores;
+use crate::item::SyncItem;
+use crate::metrics as m;
+use crate::resilience::wal::{Failpoints, RecoveryReport, Scanned, SegmentReader, WalConfig, WalError, WriteAheadLog};
+use crate::storage::StoreError;
+
+const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
+/// Segments roll over at this size, so drained space is given back in steps.
+const SEGMENT_BYTES: u64 = 64 << 20;
+
+pub(crate) type SharedWal = Arc<Mutex<WriteAheadLog>>;
+
+/// Opens (and recovers) the log, reporting what recovery found.
+pub(super) async fn open(dir: PathBuf, max_bytes: u64) -> Result<SharedWal, WalError> {
+    let config = WalConfig { dir, max_bytes, segment_bytes: SEGMENT_BYTES.min(max_bytes) };
+    let (log, report) = tokio::task::spawn_blocking(move || WriteAheadLog::open(config, Failpoints::default()))
+        .await
+        .map_err(|error| WalError::Io(std::io::Error::other(error)))??;
+    report_recovery(&report);
+    metrics::gauge!(m::WAL_BYTES).set(log.total_bytes() as f64);
+    Ok(Arc::new(Mutex::new(log)))
+}
+
+fn report_recovery(report: &RecoveryReport) {
+    if report.segments > 0 {
+        tracing::warn!(segments = report.segments, records = report.records, bytes = report.bytes, "write-ahead log holds batches from before the start, draining them into L3");
+    }
+    if report.torn_bytes > 0 {
+        metrics::counter!(m::WAL_TORN_BYTES).increment(report.torn_bytes);
+        tracing::warn!(bytes = report.torn_bytes, "cut a torn write-ahead log tail (never settled: Kafka redelivers it)");
+    }
+    for record in &report.corrupt {
+        metrics::counter!(m::WAL_CORRUPT_RECORDS).increment(1);
+        tracing::error!(segment = %record.segment.display(), position = record.position, items = ?record.items, "corrupt write-ahead log record skipped");
+    }
+}
+
+/// Appends a batch and fsyncs it; the batch is settled once this returns `Ok`.
+pub(super) async fn append(wal: &SharedWal, items: &[&SyncItem]) -> Result<(), WalError> {
+    let owned: Vec<SyncItem> = items.iter().map(|item| (*item).clone()).collect();
+    let wal = wal.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut log = wal.lock().map_err(|_| WalError::Io(std::io::Error::other("wal lock poisoned")))?;
+        let refs: Vec<&SyncItem> = owned.iter().collect();
+        log.append(&refs).map(|_| log.total_bytes())
+    })
+    .await
+    .map_err(|error| WalError::Io(std::io::Error::other(error)))?;
+    match result {
+        Ok(total_bytes) => {
+            metrics::gauge!(m::WAL_BYTES).set(total_bytes as f64);
+            metrics::counter!(m::WAL_APPENDED_ITEMS).increment(items.len() as u64);
+            Ok(())
+        }
+        Err(error) => {
+            metrics::counter!(m::WAL_ERRORS, "operation" => "append").increment(1);
+            Err(error)
+        }
+    }
+}
+
+/// Replays the log into L3 whenever it holds anything and the L3 breaker lets a call through.
+pub(super) async fn run_drain(stores: Arc<Stores>, stopping: CancellationToken) {
+    let (Some(wal), Some(_)) = (stores.wal.clone(), stores.l3.as_ref()) else { return };
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
+        }
+        let empty = wal.lock().map(|log| log.is_empty()).unwrap_or(true);
+        if empty || !stores.l3_breaker_allows() {
+            continue;
+        }
+        match drain(&stores, &wal).await {
+            Ok(()) => stores.l3_breaker_result(true),
+            Err(error) => {
+                metrics::counter!(m::WAL_ERRORS, "operation" => "drain").increment(1);
+                tracing::warn!(%error, "write-ahead log drain stopped, will retry");
+                stores.l3_breaker_result(false);
+            }
+        }
+    }
+}
+
+/// Drains every sealed segment (sealing the active one when nothing else is left).
+async fn drain(stores: &Stores, wal: &SharedWal) -> Result<(), StoreError> {
+    let Some(l3) = stores.l3.as_ref() else { return Ok(()) };
+    loop {
+        let next = lock(wal)?.next_to_drain();
+        let Some(path) = next else { return Ok(()) };
+        let started = Instant::now();
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Scanned>(2);
+        let failpoints = lock(wal)?.failpoints().clone();
+        let reading_path = path.clone();
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), WalError> {
+            let Some(mut reader) = SegmentReader::open(&reading_path, &failpoints)? else { return Ok(()) };
+            while let Some(scanned) = reader.next_frame()? {
+                if frames_tx.blocking_send(scanned).is_err() {
+                    break; // the drain stopped (L3 failed): the segment stays for next time
+                }
+            }
+            Ok(())
+        });
+        let mut drained = 0u64;
+        while let Some(scanned) = frames_rx.recv().await {
+            match scanned {
+                Scanned::Batch(items) => {
+                    let refs: Vec<&SyncItem> = items.iter().collect();
+                    l3.write_batch(&refs).await?;
+                    drained += items.len() as u64;
+                    metrics::counter!(m::WAL_DRAINED_ITEMS).increment(items.len() as u64);
+                }
+                Scanned::Corrupt(record) => {
+                    metrics::counter!(m::WAL_CORRUPT_RECORDS).increment(1);
+                    tracing::error!(segment = %record.segment.display(), position = record.position, items = ?record.items, "corrupt write-ahead log record skipped");
+                }
+            }
+        }
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(StoreError::Unavailable(format!("reading the write-ahead log: {error}"))),
+            Err(error) => return Err(StoreError::Unavailable(format!("write-ahead log reader: {error}"))),
+        }
+        let total = {
+            let mut log = lock(wal)?;
+            log.remove_drained(&path).map_err(|error| StoreError::Unavailable(error.to_string()))?;
+            log.total_bytes()
+        };
+        metrics::gauge!(m::WAL_BYTES).set(total as f64);
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(items = drained, seconds, items_per_sec = drained as f64 / seconds.max(1e-6), "drained a write-ahead log segment into L3");
+    }
+}
+
+fn lock(wal: &SharedWal) -> Result<std::sync::MutexGuard<'_, WriteAheadLog>, StoreError> {
+    wal.lock().map_err(|_| StoreError::Unavailable("wal lock poisoned".into()))
+}
