@@ -213,7 +213,11 @@ pub async fn wait_for_commits(names: &Names, partitions: i32, ends: &EndOffsets,
 }
 
 pub async fn l3_rows(names: &Names) -> Vec<RowSummary> {
-    let store = SqlStore::connect(&mysql_url(), &names.table).await.expect("L3 reachable");
+    l3_rows_at(&mysql_url(), names).await
+}
+
+pub async fn l3_rows_at(url: &str, names: &Names) -> Vec<RowSummary> {
+    let store = SqlStore::connect(url, &names.table).await.expect("L3 reachable");
     let rows = store.summaries().await.expect("rows");
     store.close().await;
     rows

@@ -1,0 +1,90 @@
+//! Faults, counted: every produced item is checked in L3 and L2 after recovery.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sync_engine::config::{EngineConfig, Secret};
+use sync_engine::demo::compare;
+use sync_engine::kafka::producer::{publish_all, ItemProducer};
+use sync_engine::workload::Workload;
+
+const PARTITIONS: i32 = 4;
+
+fn private_mariadb(action: &str, port: u16) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/private-mariadb.sh");
+    let status = Command::new(script).arg(action).arg(port.to_string()).status().expect("private-mariadb.sh runs");
+    assert!(status.success(), "private-mariadb.sh {action} {port} failed");
+}
+
+fn wal_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len().saturating_sub(8)).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final_state_is_exact() {
+    let names = Names::new("mysql_down");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    private_mariadb("start", port);
+    let url = format!("mysql://root@127.0.0.1:{port}/test");
+    let wal_dir = tempfile::tempdir().unwrap();
+    create_topic(&names.topic, PARTITIONS).await;
+    let config = EngineConfig {
+        sql_url: Some(Secret::new(url.clone())),
+        wal_dir: Some(wal_dir.path().to_owned()),
+        breaker_failures: 1,
+        breaker_cool_down: Duration::from_millis(500),
+        ..engine_config(&names)
+    };
+    let worker = InProcessWorker::start_with(config, kafka_config(&names)).await;
+    let mut workload = Workload::new(spec(&names, 20_000, 5_000));
+    let producer = ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let before: Vec<_> = workload.by_ref().take(5_000).collect();
+    let mut ends = publish_all(&producer, before, 0, || {}).await.unwrap();
+    assert!(eventually(Duration::from_secs(30), || worker.stats.stored.load(Ordering::Relaxed) >= 5_000).await);
+
+    private_mariadb("kill", port);
+    let down_at = Instant::now();
+    let during: Vec<_> = workload.by_ref().collect();
+    let more = publish_all(&producer, during, 0, || {}).await.unwrap();
+    producer.flush();
+    for (partition, end) in more.0 {
+        ends.record(partition, end - 1);
+    }
+    // With MySQL down, everything still settles (in the WAL) and every offset commits.
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(60)).await;
+    assert_eq!(committed, ends.0, "offsets must commit while MySQL is down: the WAL settles them");
+    let logged = wal_bytes(wal_dir.path());
+    assert!(logged > 0, "the WAL must hold the batches MySQL could not take");
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(down_at.elapsed())).await;
+
+    private_mariadb("start", port);
+    let up_at = Instant::now();
+    let dir = wal_dir.path().to_owned();
+    let drained = eventually(Duration::from_secs(60), move || wal_bytes(&dir) == 0).await;
+    let recovery = up_at.elapsed();
+    assert!(drained, "the WAL must drain once MySQL is back");
+    worker.stop().await;
+
+    let produced = workload.expected().len();
+    let l3 = compare(&workload, &l3_rows_at(&url, &names).await);
+    let l2 = compare_l2(&names, &workload).await;
+    eprintln!(
+        "chaos mysql_down: records 20000, ids {produced}, L3 mismatches {}, L2 mismatches {}, down {:.1}s, \
+         WAL held {} KiB, drained in {:.1}s ({:.0} KiB/s)",
+        l3.len(),
+        l2.len(),
+        up_at.duration_since(down_at).as_secs_f64(),
+        logged / 1024,
+        recovery.as_secs_f64(),
+        logged as f64 / 1024.0 / recovery.as_secs_f64().max(0.001)
+    );
+    assert_eq!(l3, Vec::<String>::new());
+    assert_eq!(l2, Vec::<String>::new());
+    private_mariadb("kill", port);
+}
