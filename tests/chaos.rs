@@ -88,3 +88,80 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     assert_eq!(l2, Vec::<String>::new());
     private_mariadb("kill", port);
 }
+
+async fn table_rows(url: &str, table: &str) -> i64 {
+    let Ok(pool) = sqlx::mysql::MySqlPoolOptions::new().max_connections(1).connect(url).await else { return -1 };
+    let count = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&pool).await.unwrap_or(-1);
+    pool.close().await;
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_its_wal_drains_finishes_the_drain_after_restart() {
+    let names = Names::new("wal_kill");
+    let port = free_port();
+    private_mariadb("start", port);
+    let url = format!("mysql://root@127.0.0.1:{port}/test");
+    create_topic(&names.topic, PARTITIONS).await;
+    let wal_dir = std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group));
+    let env = [
+        ("SYNC_SQL_URL", url.clone()),
+        ("SYNC_BREAKER_FAILURES", "1".to_owned()),
+        ("SYNC_BREAKER_COOLDOWN_MS", "500".to_owned()),
+        ("SYNC_BATCH_MAX_ITEMS", "200".to_owned()),
+    ];
+    let metrics_port = free_port();
+    let mut worker = spawn_worker(&names, metrics_port, &env);
+    let ready = eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await;
+    assert!(ready);
+    private_mariadb("kill", port);
+
+    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 1024, ..spec(&names, 30_000, 30_000) });
+    let producer = ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let ends = publish_all(&producer, workload.by_ref(), 0, || {}).await.unwrap();
+    producer.flush();
+    let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(90)).await;
+    assert_eq!(committed, ends.0, "everything settles in the WAL while MySQL is down");
+    let logged = wal_bytes(&wal_dir);
+    assert!(logged > 1 << 20, "the WAL holds the batches: {logged} bytes");
+
+    // MySQL returns; kill the worker as soon as the drain has written some rows.
+    private_mariadb("start", port);
+    let table = names.table.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut rows = 0;
+    while rows <= 0 && Instant::now() < deadline {
+        rows = table_rows(&url, &table).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&worker, "KILL");
+    wait_exit(&mut worker, Duration::from_secs(10)).await.expect("killed");
+    let left = wal_bytes(&wal_dir);
+    assert!(rows > 0 && left > 0, "the kill must land mid-drain: {rows} rows in L3, {left} WAL bytes left");
+
+    let restarted_at = Instant::now();
+    let mut worker = spawn_worker(&names, metrics_port, &env);
+    let dir = wal_dir.clone();
+    let drained = eventually(Duration::from_secs(60), move || wal_bytes(&dir) == 0).await;
+    let drain_time = restarted_at.elapsed();
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.is_some_and(|status| status.success()));
+    assert!(drained, "the restarted worker drains the leftover WAL");
+
+    let l3 = compare(&workload, &l3_rows_at(&url, &names).await);
+    let l2 = compare_l2(&names, &workload).await;
+    eprintln!(
+        "chaos wal_kill: records 30000, ids {}, L3 mismatches {}, L2 mismatches {}, WAL {} KiB, killed with {} KiB left, \
+         restart drained it in {:.1}s",
+        workload.expected().len(),
+        l3.len(),
+        l2.len(),
+        logged / 1024,
+        left / 1024,
+        drain_time.as_secs_f64()
+    );
+    assert_eq!(l3, Vec::<String>::new());
+    assert_eq!(l2, Vec::<String>::new());
+    private_mariadb("kill", port);
+    let _ = std::fs::remove_dir_all(&wal_dir);
+}

@@ -117,7 +117,8 @@ pub const ASSIGNED: [&str; 9] = [
     "version",
 ];
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect and acquire timeout: short, so an outage reaches the WAL quickly (sqlx waits 30 s by default).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn classify(error: sqlx::Error) -> StoreError {
     match &error {

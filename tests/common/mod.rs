@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -267,4 +269,65 @@ pub async fn compare_l2(names: &Names, workload: &Workload) -> Vec<String> {
         }
     }
     mismatches
+}
+
+// ---- the worker as a child process ----
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn spawn_worker(names: &Names, metrics_port: u16, extra: &[(&str, String)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sync-engine"));
+    command
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SYNC_KAFKA_BROKERS", brokers())
+        .env("SYNC_KAFKA_TOPICS", &names.topic)
+        .env("SYNC_KAFKA_GROUP_ID", &names.group)
+        .env("SYNC_DLQ_TOPIC", &names.dlq_topic)
+        .env("SYNC_REDIS_URLS", redis_urls().join(","))
+        .env("SYNC_REDIS_PREFIX", &names.prefix)
+        .env("SYNC_REDIS_TTL_SECS", "3600")
+        .env("SYNC_SQL_URL", mysql_url())
+        .env("SYNC_SQL_TABLE", &names.table)
+        .env("SYNC_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS", "6000")
+        .env("SYNC_KAFKA_OPT_HEARTBEAT_INTERVAL_MS", "500")
+        .env("SYNC_REVOKE_DEADLINE_MS", "4000")
+        .env("SYNC_COMMIT_INTERVAL_MS", "200")
+        .env("SYNC_LOG", "warn")
+        .env("SYNC_WAL_DIR", std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (name, value) in extra {
+        command.env(name, value);
+    }
+    command.spawn().expect("worker process starts")
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
