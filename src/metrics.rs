@@ -38,6 +38,8 @@ pub const WAL_CORRUPT_RECORDS: &str = "sync_wal_corrupt_records_total";
 pub const WAL_TORN_BYTES: &str = "sync_wal_torn_bytes_total";
 pub const WAL_ERRORS: &str = "sync_wal_errors_total";
 pub const CIRCUIT_STATE: &str = "sync_circuit_state";
+pub const L2_STALE_IDS: &str = "sync_l2_stale_ids";
+pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -89,6 +91,8 @@ fn describe() {
     describe_counter!(WAL_CORRUPT_RECORDS, "Write-ahead log records that failed their checksum (skipped)");
     describe_counter!(WAL_TORN_BYTES, Unit::Bytes, "Bytes cut from torn write-ahead log tails at start (never settled)");
     describe_counter!(WAL_ERRORS, "Write-ahead log appends or drains that failed (full, i/o)");
+    describe_gauge!(L2_STALE_IDS, "Ids whose L2 write failed, waiting for repair from L3");
+    describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
 }
 

@@ -6,7 +6,8 @@
 //! and settles there (or, without a WAL, is retried), and a batch L3 rejects is split into
 //! single items so only the offending ones are rejected (and then
 //! dead-lettered by the worker), in their original order. An L2 failure does not hold back
-//! items that also go to L3; items whose last tier is L2 are retried until L2 takes them.
+//! items that also go to L3 (their ids go to L2 repair); items whose last tier is L2 are
+//! retried until L2 takes them.
 //! Up to `CONCURRENT_BATCHES` batches are written at once; the version guards make the
 //! final state independent of which lands first.
 
@@ -211,6 +212,8 @@ async fn write_l2(stores: &Stores, to_l2: &[&Pending], aborting: &CancellationTo
         metrics::counter!(m::STORE_ERRORS, "tier" => "l2", "kind" => "unavailable").increment(failed.len() as u64);
         tracing::warn!(failed = failed.len(), error = %failed[0].1, "L2 write failed");
         if !ends_at_l2 {
+            // These items are durable in L3; L2 may now be stale for them until repaired.
+            stores.l2_dirty.add(failed.into_iter().map(|(id, _)| id));
             break None;
         }
         if !sleep_or_abort(&mut backoff, aborting).await {

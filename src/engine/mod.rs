@@ -16,6 +16,7 @@
 
 mod batching;
 mod flushing;
+mod l2_repair;
 mod wal;
 
 use std::future::Future;
@@ -115,6 +116,8 @@ pub(crate) struct Stores {
     pub l2: Option<RedisStore>,
     pub l3: Option<SqlStore>,
     pub wal: Option<wal::SharedWal>,
+    /// Ids whose L2 write failed: repaired from L3 when Redis answers.
+    pub l2_dirty: l2_repair::DirtyIds,
     // A std Mutex: held for a state check or update, never across an await.
     pub l3_breaker: std::sync::Mutex<CircuitBreaker>,
     pub redis_ttl_secs: u64,
@@ -182,13 +185,14 @@ impl SyncEngine {
             _ => None,
         };
         let l3_breaker = std::sync::Mutex::new(CircuitBreaker::new(self.config.breaker_failures, self.config.breaker_cool_down));
-        let stores = Arc::new(Stores { l2, l3, wal, l3_breaker, redis_ttl_secs: self.config.redis_ttl_secs });
+        let stores = Arc::new(Stores { l2, l3, wal, l2_dirty: Default::default(), l3_breaker, redis_ttl_secs: self.config.redis_ttl_secs });
         // Two batches may wait while one is written: enough to overlap batching with writing.
         let (queue_tx, queue_rx) = mpsc::channel(self.config.batch.max_items.max(1) * 2);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         self.tasks.spawn(batching::run(queue_rx, batch_tx, self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal::run_drain(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
         self.queue_tx = Some(queue_tx);

@@ -12,11 +12,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{AsyncCommands, Script, Value};
@@ -24,6 +24,9 @@ use redis::{AsyncCommands, Script, Value};
 use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::redis_slots::{key_slot, Node, SlotMap};
 use crate::storage::StoreError;
+
+/// The least time between two reconnects.
+const RECONNECT_EVERY: Duration = Duration::from_secs(3);
 
 /// Script calls in flight at once for one batch.
 const CONCURRENCY: usize = 256;
@@ -48,7 +51,10 @@ return 1
 "#;
 
 pub struct RedisStore {
-    connection: ClusterConnection,
+    client: ClusterClient,
+    /// The multiplexed connection, replaced after failures (see `reconnect`).
+    // A std Mutex: held only to clone or swap the handle, never across an await.
+    connection: std::sync::Mutex<(ClusterConnection, Instant)>,
     script: Script,
     prefix: String,
     /// The last `CLUSTER SLOTS` snapshot; `None` until loaded or after a pipeline failed.
@@ -66,7 +72,8 @@ impl RedisStore {
             .map_err(unavailable)?;
         let connection = client.get_async_connection().await.map_err(unavailable)?;
         Ok(RedisStore {
-            connection,
+            client,
+            connection: std::sync::Mutex::new((connection, Instant::now())),
             script: Script::new(GUARDED_WRITE),
             prefix: prefix.to_owned(),
             slots: std::sync::Mutex::new(None),
@@ -103,7 +110,11 @@ impl RedisStore {
         let writes: Vec<_> = retry.into_iter().map(|index| self.write_one(items[index].0, items[index].1)).collect();
         let results: Vec<Option<(String, StoreError)>> =
             futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
-        results.into_iter().flatten().collect()
+        let failed: Vec<(String, StoreError)> = results.into_iter().flatten().collect();
+        if !failed.is_empty() {
+            self.reconnect().await;
+        }
+        failed
     }
 
     /// One pipeline of guarded writes to one master; returns the indexes that failed.
@@ -115,14 +126,28 @@ impl RedisStore {
             guarded_write_args(command, item, ttl_secs);
         }
         let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         match connection.route_pipeline(pipeline, 0, indexes.len(), route).await {
-            Ok(values) if values.len() == indexes.len() => indexes
-                .into_iter()
-                .zip(values)
-                .filter_map(|(index, value)| matches!(value, Value::ServerError(_)).then_some(index))
-                .collect(),
-            Ok(_) | Err(_) => indexes,
+            Ok(values) if values.len() == indexes.len() => {
+                let failed: Vec<usize> = indexes
+                    .into_iter()
+                    .zip(&values)
+                    .filter_map(|(index, value)| (!matches!(value, Value::Int(_))).then_some(index))
+                    .collect();
+                if !failed.is_empty() {
+                    let sample = values.iter().find(|value| !matches!(value, Value::Int(_)));
+                    tracing::debug!(node = %node.1, failed = failed.len(), ?sample, "pipelined L2 writes failed, retrying them one by one");
+                }
+                failed
+            }
+            Ok(values) => {
+                tracing::debug!(node = %node.1, got = values.len(), "pipeline answered with the wrong number of replies");
+                indexes
+            }
+            Err(error) => {
+                tracing::debug!(node = %node.1, %error, "pipeline to an L2 node failed, retrying its writes one by one");
+                indexes
+            }
         }
     }
 
@@ -131,7 +156,7 @@ impl RedisStore {
         if let Some(map) = self.slots.lock().ok()?.clone() {
             return Some(map);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
         let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
         for (host, port) in map.masters() {
@@ -150,16 +175,84 @@ impl RedisStore {
     }
 
     async fn write_one(&self, item: &SyncItem, ttl_secs: u64) -> Option<(String, StoreError)> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let mut invocation = self.script.key(self.key(&item.id));
         guarded_write_args(&mut invocation, item, ttl_secs);
         let result: redis::RedisResult<i64> = invocation.invoke_async(&mut connection).await;
         result.err().map(|error| (item.id.clone(), unavailable(error)))
     }
 
+    /// Deletes these ids' keys (reads then fall through to L3).
+    pub async fn invalidate(&self, ids: &[&str]) -> Result<(), StoreError> {
+        for id in ids {
+            let mut connection = self.connection();
+            let _: i64 = connection.del(self.key(id)).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every key under the prefix on every master; returns how many.
+    pub async fn invalidate_prefix(&self) -> Result<u64, StoreError> {
+        self.forget_slot_map();
+        let map = self.slot_map().await.ok_or_else(|| StoreError::Unavailable("no cluster slot map".into()))?;
+        let pattern = format!("{}*", self.prefix.replace('*', "\\*").replace('?', "\\?"));
+        let mut deleted = 0;
+        for (host, port) in map.masters() {
+            let mut cursor: u64 = 0;
+            loop {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).clone();
+                let reply = self.connection().route_command(scan, route).await.map_err(unavailable)?;
+                let (next, keys): (u64, Vec<String>) =
+                    redis::from_redis_value(reply).map_err(|error| StoreError::Unavailable(error.to_string()))?;
+                for key in keys {
+                    let mut connection = self.connection();
+                    deleted += connection.del::<_, u64>(key).await.map_err(unavailable)?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn connection(&self) -> ClusterConnection {
+        match self.connection.lock() {
+            Ok(guard) => guard.0.clone(),
+            Err(poisoned) => poisoned.into_inner().0.clone(),
+        }
+    }
+
+    /// Replaces the connection with a fresh one (at most every `RECONNECT_EVERY`). After a
+    /// master dies, the client's own slot map can keep pointing at it: its background
+    /// repair runs before the failover completes and never looks again. A new connection
+    /// discovers the topology from scratch.
+    async fn reconnect(&self) {
+        let due = self.connection.lock().map(|guard| guard.1.elapsed() >= RECONNECT_EVERY).unwrap_or(false);
+        if !due {
+            return;
+        }
+        if let Ok(mut guard) = self.connection.lock() {
+            guard.1 = Instant::now();
+        }
+        self.forget_slot_map();
+        match tokio::time::timeout(RECONNECT_EVERY, self.client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                if let Ok(mut guard) = self.connection.lock() {
+                    guard.0 = fresh;
+                }
+                tracing::info!("reconnected to the Redis Cluster");
+            }
+            Ok(Err(error)) => tracing::warn!(error = %unavailable(error), "Redis Cluster reconnect failed"),
+            Err(_) => tracing::warn!("Redis Cluster reconnect timed out"),
+        }
+    }
+
     /// The stored item; a tombstone comes back with `content: None`.
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let fields: HashMap<String, Vec<u8>> = connection.hgetall(self.key(id)).await.map_err(unavailable)?;
         Ok(item_from_fields(id, &fields))
     }
