@@ -110,6 +110,17 @@ impl Readiness {
     }
 }
 
+/// Circuit breaker states and WAL size, for the readiness body (an open breaker does not
+/// make the pod unready: with the WAL it keeps settling).
+fn backend_state(handle: &PrometheusHandle) -> String {
+    handle
+        .render()
+        .lines()
+        .filter(|line| line.starts_with(CIRCUIT_STATE) || line.starts_with(WAL_BYTES) || line.starts_with(L2_STALE_IDS))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
 /// Serves the endpoint until `stop` is cancelled.
 pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, readiness: Readiness, stop: CancellationToken) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
@@ -139,8 +150,8 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, readiness: Readin
                 let (status, body) = match path {
                     "/metrics" => ("200 OK", handle.render()),
                     "/health/live" => ("200 OK", "ok\n".to_owned()),
-                    "/health/ready" if readiness.is_ready() => ("200 OK", "ready\n".to_owned()),
-                    "/health/ready" => ("503 Service Unavailable", "not ready\n".to_owned()),
+                    "/health/ready" if readiness.is_ready() => ("200 OK", format!("ready\n{}", backend_state(&handle))),
+                    "/health/ready" => ("503 Service Unavailable", format!("not ready\n{}", backend_state(&handle))),
                     _ => ("404 Not Found", "not found\n".to_owned()),
                 };
                 let response = format!(

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -24,10 +24,9 @@ use super::batching::Batch;
 use super::{Pending, SettleError, SettleResult, Stores, Tier};
 use crate::item::SyncItem;
 use crate::metrics as m;
+use crate::resilience::retry::{Backoff, RetryConfig};
 use crate::storage::StoreError;
 
-const RETRY_FIRST: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Batches written at once. The stores' version guards make the final state independent of
 /// the order batches land in, so two batches may overlap: while one transaction commits
@@ -119,21 +118,21 @@ async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &Cance
     }
     let started = Instant::now();
     let items = newest_per_id(to_l3.iter().map(|(_, p)| *p));
-    let mut backoff = RETRY_FIRST;
+    let mut backoff = Backoff::new(RetryConfig::default());
     let outcome = loop {
-        if stores.l3_breaker_allows() {
+        if stores.l3_breaker.allows() {
             match l3.write_batch(&items).await {
                 Ok(()) => {
-                    stores.l3_breaker_result(true);
+                    stores.l3_breaker.record(true);
                     break settled(Tier::L3);
                 }
                 Err(StoreError::Rejected(error)) => {
-                    stores.l3_breaker_result(true);
+                    stores.l3_breaker.record(true);
                     tracing::warn!(%error, items = items.len(), "L3 rejected a batch, writing its items one by one");
                     break L3Outcome { tier: Tier::L3, unsettled: write_l3_one_by_one(stores, to_l3, aborting).await };
                 }
                 Err(StoreError::Unavailable(error)) => {
-                    stores.l3_breaker_result(false);
+                    stores.l3_breaker.record(false);
                     metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
                     tracing::warn!(%error, "L3 unavailable");
                 }
@@ -163,7 +162,7 @@ async fn write_l3_one_by_one(
     let Some(l3) = &stores.l3 else { return HashMap::new() };
     let mut rejected = HashMap::new();
     for (position, (index, pending)) in to_l3.iter().enumerate() {
-        let mut backoff = RETRY_FIRST;
+        let mut backoff = Backoff::new(RetryConfig::default());
         loop {
             match l3.write_batch(&[pending.item.as_ref()]).await {
                 Ok(()) => break,
@@ -203,9 +202,17 @@ async fn write_l2(stores: &Stores, to_l2: &[&Pending], aborting: &CancellationTo
     let mut items: Vec<(&SyncItem, u64)> =
         newest_per_id(to_l2.iter().copied()).into_iter().map(|item| (item, ttl_by_id[item.id.as_str()])).collect();
     let ends_at_l2 = to_l2.iter().any(|p| !(p.options.tiers.l3 && stores.l3.is_some()));
-    let mut backoff = RETRY_FIRST;
+    let mut backoff = Backoff::new(RetryConfig::default());
     let outcome = loop {
-        let failed = l2.write_batch(&items).await;
+        let failed = if stores.l2_breaker.allows() {
+            let failed = l2.write_batch(&items).await;
+            stores.l2_breaker.record(failed.is_empty());
+            failed
+        } else {
+            // Open breaker: skip the round trips that would time out; repair fixes L2 later.
+            let open = StoreError::Unavailable("L2 circuit breaker open".into());
+            items.iter().map(|(item, _)| (item.id.clone(), open.clone())).collect()
+        };
         if failed.is_empty() {
             break None;
         }
@@ -225,11 +232,9 @@ async fn write_l2(stores: &Stores, to_l2: &[&Pending], aborting: &CancellationTo
     outcome
 }
 
-/// Sleeps the backoff (doubling it, with jitter); false if the engine is aborting.
-async fn sleep_or_abort(backoff: &mut Duration, aborting: &CancellationToken) -> bool {
-    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
-    let sleep = *backoff + jitter;
-    *backoff = (*backoff * 2).min(RETRY_MAX);
+/// Sleeps the next backoff delay; false if the engine is aborting.
+async fn sleep_or_abort(backoff: &mut Backoff, aborting: &CancellationToken) -> bool {
+    let sleep = backoff.next_delay();
     tokio::select! {
         _ = aborting.cancelled() => false,
         _ = tokio::time::sleep(sleep) => true,

@@ -32,7 +32,7 @@ use crate::cache::L1Cache;
 use crate::config::EngineConfig;
 use crate::item::{now_ms, SyncItem};
 use crate::options::SubmitOptions;
-use crate::resilience::circuit_breaker::CircuitBreaker;
+use crate::resilience::circuit_breaker::SharedBreaker;
 use crate::storage::redis::RedisStore;
 use crate::storage::sql::SqlStore;
 use crate::storage::StoreError;
@@ -111,33 +111,16 @@ struct Pending {
     ack: oneshot::Sender<SettleResult>,
 }
 
-/// The connected tiers below L1, the L3 write-ahead log and the L3 circuit breaker.
+/// The connected tiers below L1, the L3 write-ahead log, L2 repair and the circuit breakers.
 pub(crate) struct Stores {
     pub l2: Option<RedisStore>,
     pub l3: Option<SqlStore>,
     pub wal: Option<wal::SharedWal>,
     /// Ids whose L2 write failed: repaired from L3 when Redis answers.
     pub l2_dirty: l2_repair::DirtyIds,
-    // A std Mutex: held for a state check or update, never across an await.
-    pub l3_breaker: std::sync::Mutex<CircuitBreaker>,
+    pub l3_breaker: SharedBreaker,
+    pub l2_breaker: SharedBreaker,
     pub redis_ttl_secs: u64,
-}
-
-impl Stores {
-    pub fn l3_breaker_allows(&self) -> bool {
-        self.l3_breaker.lock().map(|mut breaker| breaker.allow(std::time::Instant::now())).unwrap_or(true)
-    }
-
-    pub fn l3_breaker_result(&self, success: bool) {
-        if let Ok(mut breaker) = self.l3_breaker.lock() {
-            if success {
-                breaker.on_success();
-            } else {
-                breaker.on_failure(std::time::Instant::now());
-            }
-            metrics::gauge!(crate::metrics::CIRCUIT_STATE, "backend" => "l3").set(breaker.gauge_value());
-        }
-    }
 }
 
 pub struct SyncEngine {
@@ -184,8 +167,16 @@ impl SyncEngine {
             (Some(_), Some(dir)) => Some(wal::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?),
             _ => None,
         };
-        let l3_breaker = std::sync::Mutex::new(CircuitBreaker::new(self.config.breaker_failures, self.config.breaker_cool_down));
-        let stores = Arc::new(Stores { l2, l3, wal, l2_dirty: Default::default(), l3_breaker, redis_ttl_secs: self.config.redis_ttl_secs });
+        let (failures, cool_down) = (self.config.breaker_failures, self.config.breaker_cool_down);
+        let stores = Arc::new(Stores {
+            l2,
+            l3,
+            wal,
+            l2_dirty: Default::default(),
+            l3_breaker: SharedBreaker::new("l3", failures, cool_down),
+            l2_breaker: SharedBreaker::new("l2", failures, cool_down),
+            redis_ttl_secs: self.config.redis_ttl_secs,
+        });
         // Two batches may wait while one is written: enough to overlap batching with writing.
         let (queue_tx, queue_rx) = mpsc::channel(self.config.batch.max_items.max(1) * 2);
         let (batch_tx, batch_rx) = mpsc::channel(2);

@@ -84,15 +84,15 @@ pub(super) async fn run_drain(stores: Arc<Stores>, stopping: CancellationToken) 
             _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
         }
         let empty = wal.lock().map(|log| log.is_empty()).unwrap_or(true);
-        if empty || !stores.l3_breaker_allows() {
+        if empty || !stores.l3_breaker.allows() {
             continue;
         }
         match drain(&stores, &wal).await {
-            Ok(()) => stores.l3_breaker_result(true),
+            Ok(()) => stores.l3_breaker.record(true),
             Err(error) => {
                 metrics::counter!(m::WAL_ERRORS, "operation" => "drain").increment(1);
                 tracing::warn!(%error, "write-ahead log drain stopped, will retry");
-                stores.l3_breaker_result(false);
+                stores.l3_breaker.record(false);
             }
         }
     }

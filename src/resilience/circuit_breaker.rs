@@ -64,6 +64,37 @@ impl CircuitBreaker {
     }
 }
 
+/// A breaker shared by the tasks that call one backend, exporting its state as
+/// `sync_circuit_state{backend}`.
+#[derive(Debug)]
+pub struct SharedBreaker {
+    backend: &'static str,
+    // A std Mutex: held for a state check or update, never across an await.
+    inner: std::sync::Mutex<CircuitBreaker>,
+}
+
+impl SharedBreaker {
+    pub fn new(backend: &'static str, failure_threshold: u32, cool_down: Duration) -> SharedBreaker {
+        metrics::gauge!(crate::metrics::CIRCUIT_STATE, "backend" => backend).set(0.0);
+        SharedBreaker { backend, inner: std::sync::Mutex::new(CircuitBreaker::new(failure_threshold, cool_down)) }
+    }
+
+    pub fn allows(&self) -> bool {
+        self.inner.lock().map(|mut breaker| breaker.allow(Instant::now())).unwrap_or(true)
+    }
+
+    pub fn record(&self, success: bool) {
+        if let Ok(mut breaker) = self.inner.lock() {
+            if success {
+                breaker.on_success();
+            } else {
+                breaker.on_failure(Instant::now());
+            }
+            metrics::gauge!(crate::metrics::CIRCUIT_STATE, "backend" => self.backend).set(breaker.gauge_value());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
