@@ -12,7 +12,8 @@
 //! | `pressure` | memory budget and pause/resume decisions (pure) |
 //! | `cache` | L1 over moka, bounded by bytes, version-guarded |
 //! | `storage` | L2 (`redis`) and L3 (`sql`: MySQL and SQLite), version-guarded writes |
-//! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch and flush tasks |
+//! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain and L2 repair tasks |
+//! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
 //! | `metrics` | every metric name, `/metrics`, `/health/live`, `/health/ready` |
 //! | `demo`, `produce`, `inspect` | the embedded demo, the load generator, committed offsets (CLI) |
@@ -21,8 +22,9 @@
 //!
 //! - **item**: one id with a version and content bytes, or a versioned tombstone.
 //! - **origin**: the topic, partition and offset an item was read from; breaks version ties.
-//! - **settled**: durable in its last tier (L3 committed, or L2/L1 for items routed without
-//!   L3), or acknowledged by the dead-letter topic.
+//! - **settled**: durable in its last tier (L3 committed, or fsynced to the write-ahead log
+//!   while L3 is down, or L2/L1 for items routed without L3), or acknowledged by the
+//!   dead-letter topic.
 //! - **committable**: the offset after the highest contiguous settled offset of a partition.
 //!
 //! # The life of one message
