@@ -29,6 +29,7 @@ use crate::decode::{decode, DeadLetterReason, DecodeLimits, RawRecord};
 use crate::engine::{SettleError, SyncEngine};
 use crate::item::now_ms;
 use crate::metrics as m;
+use crate::resilience::circuit_breaker::SharedBreaker;
 
 /// Counters a caller can watch (the demo's progress bar, tests).
 #[derive(Debug, Default)]
@@ -74,7 +75,12 @@ pub struct Worker {
     limits: DecodeLimits,
     revoke_deadline: Duration,
     stats: Arc<WorkerStats>,
+    /// Failing dead-letter produces: state exported like the stores' breakers.
+    dlq_breaker: SharedBreaker,
 }
+
+/// Retry delay for a dead letter while the dead-letter breaker is open.
+const DLQ_RETRY_WHEN_OPEN: Duration = Duration::from_secs(5);
 
 /// Runs a worker until `stop` is cancelled, then drains within `grace` and leaves the group.
 /// Returns an error if the drain did not complete (some items were left unsettled).
@@ -97,6 +103,7 @@ pub async fn run(
         limits: DecodeLimits { max_item_bytes: kafka.max_item_bytes },
         revoke_deadline: kafka.revoke_deadline,
         stats,
+        dlq_breaker: SharedBreaker::new("dlq", 3, DLQ_RETRY_WHEN_OPEN),
     };
     let mut commit_timer = tokio::time::interval(kafka.commit_interval);
     commit_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -204,6 +211,8 @@ impl Worker {
     }
 
     fn dead_letter(&mut self, record: RawRecord, reason: DeadLetterReason, delay: Duration) {
+        // While the dead-letter topic keeps failing, wait out the breaker's cool-down.
+        let delay = if self.dlq_breaker.allows() { delay } else { delay.max(DLQ_RETRY_WHEN_OPEN) };
         let dlq = self.dlq.clone();
         self.inflight.push(
             async move {
@@ -225,12 +234,14 @@ impl Worker {
                 self.stats.stored.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::DeadLettered(code) => {
+                self.dlq_breaker.record(true);
                 tracing::info!(topic = %record.topic, partition = record.partition, offset = record.offset, reason = code, "record dead-lettered");
                 metrics::counter!(m::DEAD_LETTERED, "reason" => code).increment(1);
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
             Outcome::Rejected(reason) => return self.dead_letter(record, reason, Duration::ZERO),
             Outcome::DeadLetterFailed(reason, error) => {
+                self.dlq_breaker.record(false);
                 tracing::warn!(%error, partition = record.partition, offset = record.offset, "dead-letter produce failed, retrying");
                 return self.dead_letter(record, reason, Duration::from_secs(1));
             }
