@@ -51,11 +51,7 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     private_mariadb("kill", port);
     let down_at = Instant::now();
     let during: Vec<_> = workload.by_ref().collect();
-    let more = publish_all(&producer, during, 0, || {}).await.unwrap();
-    producer.flush();
-    for (partition, end) in more.0 {
-        ends.record(partition, end - 1);
-    }
+    publish_more(&producer, during, &mut ends).await;
     // With MySQL down, everything still settles (in the WAL) and every offset commits.
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(60)).await;
     assert_eq!(committed, ends.0, "offsets must commit while MySQL is down: the WAL settles them");
@@ -89,6 +85,15 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     private_mariadb("kill", port);
 }
 
+/// A worker process on the private MariaDB that turns to its WAL at the first failure.
+fn wal_worker_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("SYNC_SQL_URL", url.to_owned()),
+        ("SYNC_BREAKER_FAILURES", "1".to_owned()),
+        ("SYNC_BREAKER_COOLDOWN_MS", "500".to_owned()),
+    ]
+}
+
 async fn table_rows(url: &str, table: &str) -> i64 {
     let Ok(pool) = sqlx::mysql::MySqlPoolOptions::new().max_connections(1).connect(url).await else { return -1 };
     let count = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&pool).await.unwrap_or(-1);
@@ -104,12 +109,8 @@ async fn a_worker_killed_while_its_wal_drains_finishes_the_drain_after_restart()
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     create_topic(&names.topic, PARTITIONS).await;
     let wal_dir = std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group));
-    let env = [
-        ("SYNC_SQL_URL", url.clone()),
-        ("SYNC_BREAKER_FAILURES", "1".to_owned()),
-        ("SYNC_BREAKER_COOLDOWN_MS", "500".to_owned()),
-        ("SYNC_BATCH_MAX_ITEMS", "200".to_owned()),
-    ];
+    let mut env = wal_worker_env(&url);
+    env.push(("SYNC_BATCH_MAX_ITEMS", "200".to_owned()));
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
     let ready = eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await;
@@ -174,11 +175,7 @@ async fn a_torn_wal_tail_after_a_crash_is_cut_at_restart_and_the_final_state_is_
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     create_topic(&names.topic, PARTITIONS).await;
     let wal_dir = std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group));
-    let env = [
-        ("SYNC_SQL_URL", url.clone()),
-        ("SYNC_BREAKER_FAILURES", "1".to_owned()),
-        ("SYNC_BREAKER_COOLDOWN_MS", "500".to_owned()),
-    ];
+    let env = wal_worker_env(&url);
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
     assert!(eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await);

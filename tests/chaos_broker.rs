@@ -61,11 +61,7 @@ async fn a_frozen_broker_stalls_the_worker_which_then_continues_and_loses_nothin
     let resumed_at = Instant::now();
 
     let after: Vec<_> = workload.by_ref().collect();
-    let more = publish_all(&producer, after, 0, || {}).await.unwrap();
-    producer.flush();
-    for (partition, end) in more.0 {
-        ends.record(partition, end - 1);
-    }
+    publish_more(&producer, after, &mut ends).await;
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
     let recovered = resumed_at.elapsed();
     worker.stop().await;

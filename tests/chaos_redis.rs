@@ -51,11 +51,7 @@ async fn a_killed_redis_master_fails_over_l3_stays_exact_and_l2_converges() {
     assert!(Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap().success());
     let killed_at = Instant::now();
     let during: Vec<_> = workload.by_ref().collect();
-    let more = publish_all(&producer, during, 0, || {}).await.unwrap();
-    producer.flush();
-    for (partition, end) in more.0 {
-        ends.record(partition, end - 1);
-    }
+    publish_more(&producer, during, &mut ends).await;
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
     assert_eq!(committed, ends.0, "L2 trouble never holds back a commit");
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new(), "L3 exact");

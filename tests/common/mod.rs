@@ -96,6 +96,15 @@ pub async fn produce(names: &Names, workload: &mut Workload) -> EndOffsets {
     ends
 }
 
+/// Publishes more records and extends the end offsets with their delivery reports.
+pub async fn publish_more(producer: &ItemProducer, records: Vec<sync_engine::workload::OutgoingRecord>, ends: &mut EndOffsets) {
+    let more = publish_all(producer, records, 0, || {}).await.expect("all records delivered");
+    producer.flush();
+    for (partition, end) in more.0 {
+        ends.record(partition, end - 1);
+    }
+}
+
 pub fn engine_config(names: &Names) -> EngineConfig {
     EngineConfig {
         redis_urls: redis_urls().into_iter().map(Secret::new).collect(),
