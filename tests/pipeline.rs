@@ -54,7 +54,7 @@ async fn poison_records_go_to_the_dead_letter_topic_with_reasons_and_good_ones_l
     let names = Names::new("poison");
     create_topic(&names.topic, PARTITIONS).await;
     create_topic(&names.dlq_topic, 1).await;
-    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { poison_share: 0.05, ..spec(&names, 3_000, 800) });
+    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { poison_share: 0.01, ..spec(&names, 10_000, 2_500) });
     let records: Vec<_> = workload.by_ref().collect();
     let mut poison_by_reason: HashMap<String, usize> = HashMap::new();
     for record in records.iter().filter_map(|record| record.poison_reason) {
