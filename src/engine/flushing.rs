@@ -1,15 +1,14 @@
-//! The flush task: writes one batch at a time to L2 and L3, then settles its items.
+//! The flush task: writes batches to L2 and L3, then settles their items.
 //!
 //! Per batch: the newest version of each id is written (older ones in the same batch are
 //! superseded, which the stores' guards would make a no-op anyway), L2 and L3 concurrently.
-//! L3 is the ground truth: while L3 is unavailable a batch is logged to the write-ahead log
-//! and settles there (or, without a WAL, is retried), and a batch L3 rejects is split into
-//! single items so only the offending ones are rejected (and then
-//! dead-lettered by the worker), in their original order. An L2 failure does not hold back
-//! items that also go to L3 (their ids go to L2 repair); items whose last tier is L2 are
-//! retried until L2 takes them.
-//! Up to `CONCURRENT_BATCHES` batches are written at once; the version guards make the
-//! final state independent of which lands first.
+//! L3 is the ground truth: while L3 is unavailable (or its breaker is open) a batch is
+//! appended to the write-ahead log and settles there (without a WAL it is retried), and a
+//! batch L3 rejects is split into single items, in their original order, so only the
+//! offending ones are rejected (and then dead-lettered by the worker). An L2 failure does not
+//! hold back items that also go to L3 (their ids go to L2 repair); items whose last tier is
+//! L2 are retried until L2 takes them. Up to `CONCURRENT_BATCHES` batches are written at
+//! once; the version guards make the final state independent of which lands first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +25,6 @@ use crate::item::SyncItem;
 use crate::metrics as m;
 use crate::resilience::retry::{Backoff, RetryConfig};
 use crate::storage::StoreError;
-
 
 /// Batches written at once. The stores' version guards make the final state independent of
 /// the order batches land in, so two batches may overlap: while one transaction commits
