@@ -172,7 +172,7 @@ impl Config {
         let mut r = Reader { vars: &vars, problems: Vec::new() };
         let topics = comma_list(&r.required("SYNC_KAFKA_TOPICS"));
         let sql_url = r.required("SYNC_SQL_URL");
-        if !sql_url.is_empty() && !(sql_url.starts_with("mysql://") || sql_url.starts_with("sqlite:")) {
+        if !sql_url.is_empty() && !sql_url.starts_with("mysql://") && !sql_url.starts_with("sqlite:") {
             r.problem("SYNC_SQL_URL", "expected mysql://… or sqlite:… (value not shown)");
         }
         let redis_urls: Vec<Secret> = comma_list(&r.text("SYNC_REDIS_URLS", "")).into_iter().map(Secret).collect();

@@ -35,11 +35,8 @@ pub struct RawRecord {
 impl RawRecord {
     /// Bytes held while this record is in flight (counted against the memory budget).
     pub fn size_bytes(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(name, value)| name.len() + value.as_ref().map_or(0, Bytes::len))
-            .sum();
+        let headers: usize =
+            self.headers.iter().map(|(name, value)| name.len() + value.as_ref().map_or(0, Bytes::len)).sum();
         self.key.as_ref().map_or(0, Bytes::len) + self.value.as_ref().map_or(0, Bytes::len) + headers + 96
     }
 
@@ -126,9 +123,10 @@ pub fn decode(record: &RawRecord, limits: DecodeLimits) -> Result<(SyncItem, Sub
     };
     let declared_type = match header_text(record, HEADER_CONTENT_TYPE)? {
         None => None,
-        Some(text) => Some(ContentType::parse(text).ok_or_else(|| {
-            bad_header(HEADER_CONTENT_TYPE, format!("{text:?}, expected json or binary"))
-        })?),
+        Some(text) => Some(
+            ContentType::parse(text)
+                .ok_or_else(|| bad_header(HEADER_CONTENT_TYPE, format!("{text:?}, expected json or binary")))?,
+        ),
     };
     let redis_ttl = match header_text(record, HEADER_TTL)? {
         None => CacheTtl::Default,
@@ -170,9 +168,9 @@ fn header_text<'r>(record: &'r RawRecord, name: &'static str) -> Result<Option<&
     match record.header(name) {
         None => Ok(None),
         Some(None) => Err(bad_header(name, "null value".into())),
-        Some(Some(bytes)) => std::str::from_utf8(bytes)
-            .map(|text| Some(text.trim()))
-            .map_err(|_| bad_header(name, "not utf-8".into())),
+        Some(Some(bytes)) => {
+            std::str::from_utf8(bytes).map(|text| Some(text.trim())).map_err(|_| bad_header(name, "not utf-8".into()))
+        }
     }
 }
 

@@ -94,7 +94,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     };
     let stats = Arc::new(WorkerStats::default());
     let stop = CancellationToken::new();
-    let worker_task = tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(30), stats.clone()));
+    let worker_task =
+        tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(30), stats.clone()));
 
     let spec = WorkloadSpec {
         count: args.items,
@@ -111,7 +112,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     let mut workload = Workload::new(spec);
     let producer = ItemProducer::new(&brokers, TOPIC)?;
     let bar = progress_bar(args.items, "settled", args.quiet);
-    let settled = |stats: &WorkerStats| stats.stored.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+    let settled =
+        |stats: &WorkerStats| stats.stored.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
     let started = Instant::now();
     let mut produced = 0;
     let mut poison_produced = 0;
@@ -170,7 +172,11 @@ pub fn compare(workload: &Workload, rows: &[RowSummary]) -> Vec<String> {
                 if row.version != want.version || !hash_ok {
                     mismatches.push(format!(
                         "{}: L3 has version {} deleted={}, expected version {} deleted={}",
-                        row.id, row.version, row.deleted, want.version, want.content_hash.is_none()
+                        row.id,
+                        row.version,
+                        row.deleted,
+                        want.version,
+                        want.content_hash.is_none()
                     ));
                 }
             }

@@ -95,13 +95,7 @@ impl SyncItem {
 
     /// A versioned tombstone.
     pub fn tombstone(id: impl Into<String>, version: u64) -> SyncItem {
-        SyncItem {
-            id: id.into(),
-            version,
-            content: None,
-            content_type: ContentType::Binary,
-            origin: None,
-        }
+        SyncItem { id: id.into(), version, content: None, content_type: ContentType::Binary, origin: None }
     }
 
     pub fn with_version(mut self, version: u64) -> SyncItem {
@@ -146,9 +140,7 @@ pub fn supersedes(
         return new_version > old_version;
     }
     match (new_origin, old_origin) {
-        (Some(new), Some(old)) => {
-            new.topic == old.topic && new.partition == old.partition && new.offset > old.offset
-        }
+        (Some(new), Some(old)) => new.topic == old.topic && new.partition == old.partition && new.offset > old.offset,
         _ => false,
     }
 }
@@ -158,10 +150,7 @@ pub fn content_hash(content: &[u8]) -> [u8; 32] {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

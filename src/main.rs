@@ -91,7 +91,14 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     let engine = Arc::new(engine);
     tokio::spawn(stop_on_signal(stop.clone()));
     readiness.set(true);
-    let result = worker::run(config.kafka.clone(), engine.clone(), stop.clone(), config.shutdown_grace, Arc::new(WorkerStats::default())).await;
+    let result = worker::run(
+        config.kafka.clone(),
+        engine.clone(),
+        stop.clone(),
+        config.shutdown_grace,
+        Arc::new(WorkerStats::default()),
+    )
+    .await;
     readiness.set(false);
     engine.shutdown(config.shutdown_grace).await;
     stop.cancel();
@@ -115,7 +122,10 @@ async fn stop_on_signal(stop: CancellationToken) {
 
 async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<ExitCode> {
     init_logs(LogFormat::Text);
-    println!("sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite", args.items, args.item_bytes);
+    println!(
+        "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite",
+        args.items, args.item_bytes
+    );
     let summary = demo::run(args).await?;
     println!("produced        {}", summary.produced);
     println!("stored          {}", summary.stored);

@@ -42,7 +42,8 @@ pub const L2_STALE_IDS: &str = "sync_l2_stale_ids";
 pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 const BATCH_BUCKETS: [f64; 10] = [1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
@@ -53,9 +54,17 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-                .and_then(|builder| builder.set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(BATCH_ITEMS.into()), &BATCH_BUCKETS))
-                .and_then(|builder| builder.install_recorder().map_err(Into::into));
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &LATENCY_BUCKETS,
+                )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(BATCH_ITEMS.into()),
+                        &BATCH_BUCKETS,
+                    )
+                })
+                .and_then(|builder| builder.install_recorder());
             let handle = match handle {
                 Ok(handle) => handle,
                 // Another recorder is installed (embedding app): render an empty local one.
@@ -89,7 +98,11 @@ fn describe() {
     describe_counter!(WAL_APPENDED_ITEMS, "Items settled in the write-ahead log because L3 was unavailable");
     describe_counter!(WAL_DRAINED_ITEMS, "Items replayed from the write-ahead log into L3");
     describe_counter!(WAL_CORRUPT_RECORDS, "Write-ahead log records that failed their checksum (skipped)");
-    describe_counter!(WAL_TORN_BYTES, Unit::Bytes, "Bytes cut from torn write-ahead log tails at start (never settled)");
+    describe_counter!(
+        WAL_TORN_BYTES,
+        Unit::Bytes,
+        "Bytes cut from torn write-ahead log tails at start (never settled)"
+    );
     describe_counter!(WAL_ERRORS, "Write-ahead log appends or drains that failed (full, i/o)");
     describe_gauge!(L2_STALE_IDS, "Ids whose L2 write failed, waiting for repair from L3");
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
@@ -122,7 +135,12 @@ fn backend_state(handle: &PrometheusHandle) -> String {
 }
 
 /// Serves the endpoint until `stop` is cancelled.
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, readiness: Readiness, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {

@@ -31,12 +31,15 @@ pub struct WorkloadSpec {
     pub seed: u64,
 }
 
+/// Kafka headers as name and value.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
 /// One Kafka record to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutgoingRecord {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Headers,
     /// Poison records say which reason code they must be dead-lettered with.
     pub poison_reason: Option<&'static str>,
 }
@@ -96,14 +99,17 @@ impl Workload {
         let index = self.rng.gen_range(0..self.spec.key_space);
         let id = self.id(index);
         let value = self.content(&id, 1);
-        let (key, value, headers, reason): (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>, &'static str) =
+        let (key, value, headers, reason): (Option<Vec<u8>>, Option<Vec<u8>>, Headers, &'static str) =
             match self.rng.gen_range(0..5) {
                 0 => (None, Some(value), vec![], "missing_key"),
                 1 => (Some(id.into_bytes()), Some(value), vec![("sync-version".into(), b"-12".to_vec())], "bad_header"),
                 2 => (
                     Some(id.into_bytes()),
                     Some(b"{not json".to_vec()),
-                    vec![("sync-version".into(), u64::MAX.to_string().into_bytes()), ("sync-content-type".into(), b"json".to_vec())],
+                    vec![
+                        ("sync-version".into(), u64::MAX.to_string().into_bytes()),
+                        ("sync-content-type".into(), b"json".to_vec()),
+                    ],
                     "invalid_json",
                 ),
                 3 => (

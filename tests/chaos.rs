@@ -22,14 +22,16 @@ fn private_mariadb(action: &str, port: u16) {
 
 fn wal_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|entries| entries.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len().saturating_sub(8)).sum())
+        .map(|entries| {
+            entries.filter_map(|entry| entry.ok()?.metadata().ok()).map(|meta| meta.len().saturating_sub(8)).sum()
+        })
         .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final_state_is_exact() {
     let names = Names::new("mysql_down");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     private_mariadb("start", port);
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     let wal_dir = tempfile::tempdir().unwrap();
@@ -82,7 +84,7 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     );
     assert_eq!(l3, Vec::<String>::new());
     assert_eq!(l2, Vec::<String>::new());
-    private_mariadb("kill", port);
+    private_mariadb("remove", port);
 }
 
 /// A worker process on the private MariaDB that turns to its WAL at the first failure.
@@ -113,11 +115,15 @@ async fn a_worker_killed_while_its_wal_drains_finishes_the_drain_after_restart()
     env.push(("SYNC_BATCH_MAX_ITEMS", "200".to_owned()));
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
-    let ready = eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await;
+    let ready = eventually(Duration::from_secs(30), || {
+        http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
+    })
+    .await;
     assert!(ready);
     private_mariadb("kill", port);
 
-    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 1024, ..spec(&names, 30_000, 30_000) });
+    let mut workload =
+        Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 1024, ..spec(&names, 30_000, 30_000) });
     let producer = ItemProducer::new(&brokers(), &names.topic).unwrap();
     let ends = publish_all(&producer, workload.by_ref(), 0, || {}).await.unwrap();
     producer.flush();
@@ -163,7 +169,7 @@ async fn a_worker_killed_while_its_wal_drains_finishes_the_drain_after_restart()
     );
     assert_eq!(l3, Vec::<String>::new());
     assert_eq!(l2, Vec::<String>::new());
-    private_mariadb("kill", port);
+    private_mariadb("remove", port);
     let _ = std::fs::remove_dir_all(&wal_dir);
 }
 
@@ -178,7 +184,11 @@ async fn a_torn_wal_tail_after_a_crash_is_cut_at_restart_and_the_final_state_is_
     let env = wal_worker_env(&url);
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
-    assert!(eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await);
+    assert!(
+        eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready")
+            .is_some_and(|r| r.starts_with("HTTP/1.0 200")))
+        .await
+    );
     private_mariadb("kill", port);
     let mut workload = Workload::new(spec(&names, 8_000, 3_000));
     let producer = ItemProducer::new(&brokers(), &names.topic).unwrap();
@@ -204,19 +214,27 @@ async fn a_torn_wal_tail_after_a_crash_is_cut_at_restart_and_the_final_state_is_
     private_mariadb("start", port);
     let mut worker = spawn_worker(&names, metrics_port, &env);
     let dir = wal_dir.clone();
-    assert!(eventually(Duration::from_secs(60), move || wal_bytes(&dir) == 0).await, "the WAL drains after the restart");
+    assert!(
+        eventually(Duration::from_secs(60), move || wal_bytes(&dir) == 0).await,
+        "the WAL drains after the restart"
+    );
     let metrics = http_get(metrics_port, "/metrics").unwrap_or_default();
     signal(&worker, "TERM");
     assert!(wait_exit(&mut worker, Duration::from_secs(30)).await.is_some_and(|status| status.success()));
-    let torn_metric = metrics.lines().find(|line| line.starts_with("sync_wal_torn_bytes_total")).unwrap_or("").to_owned();
+    let torn_metric =
+        metrics.lines().find(|line| line.starts_with("sync_wal_torn_bytes_total")).unwrap_or("").to_owned();
     assert!(torn_metric.ends_with(" 108"), "recovery reports the 108 torn bytes: {torn_metric:?}");
 
     let l3 = compare(&workload, &l3_rows_at(&url, &names).await);
     let l2 = compare_l2(&names, &workload).await;
-    eprintln!("chaos wal_torn: records 8000, ids {}, L3 mismatches {}, L2 mismatches {}, torn bytes cut 108", workload.expected().len(), l3.len(), l2.len());
+    eprintln!(
+        "chaos wal_torn: records 8000, ids {}, L3 mismatches {}, L2 mismatches {}, torn bytes cut 108",
+        workload.expected().len(),
+        l3.len(),
+        l2.len()
+    );
     assert_eq!(l3, Vec::<String>::new());
     assert_eq!(l2, Vec::<String>::new());
-    private_mariadb("kill", port);
+    private_mariadb("remove", port);
     let _ = std::fs::remove_dir_all(&wal_dir);
 }
-

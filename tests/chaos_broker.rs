@@ -19,7 +19,11 @@ const PARTITIONS: i32 = 4;
 fn broker_pid() -> u32 {
     let port = brokers().rsplit(':').next().unwrap_or("9092").to_owned();
     let output = Command::new("pgrep").arg("-f").arg(format!("tansu broker .*{port}")).output().unwrap();
-    String::from_utf8_lossy(&output.stdout).lines().next().and_then(|pid| pid.trim().parse().ok()).expect("the tansu broker runs")
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .and_then(|pid| pid.trim().parse().ok())
+        .expect("the tansu broker runs")
 }
 
 fn signal_pid(pid: u32, signal: &str) {

@@ -22,7 +22,9 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 }
 
 fn cluster_ok(except: u16) -> bool {
-    (7000..=7005).filter(|port| *port != except).all(|port| redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok"))
+    (7000..=7005)
+        .filter(|port| *port != except)
+        .all(|port| redis_cli(port, &["cluster", "info"]).contains("cluster_state:ok"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +35,10 @@ async fn a_killed_redis_master_fails_over_l3_stays_exact_and_l2_converges() {
     assert!(cluster_ok(0), "the cluster must be whole before the test");
     // A master with a replica, so the cluster can fail over.
     let master = (7000..=7005)
-        .find(|port| redis_cli(*port, &["role"]).starts_with("master") && redis_cli(*port, &["info", "replication"]).contains("connected_slaves:1"))
+        .find(|port| {
+            redis_cli(*port, &["role"]).starts_with("master")
+                && redis_cli(*port, &["info", "replication"]).contains("connected_slaves:1")
+        })
         .expect("a master with a replica");
     let pid: u32 = redis_cli(master, &["info", "server"])
         .lines()
@@ -78,7 +83,8 @@ async fn a_killed_redis_master_fails_over_l3_stays_exact_and_l2_converges() {
     // Bring the killed node back (it rejoins as a replica) for whoever runs next: the
     // services script restarts dead nodes of the local cluster (this test assumes 7000-7005).
     let services = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
-    let restored = Command::new(services).env_remove("SYNC_TEST_REDIS_URLS").stdout(std::process::Stdio::null()).status().unwrap();
+    let restored =
+        Command::new(services).env_remove("SYNC_TEST_REDIS_URLS").stdout(std::process::Stdio::null()).status().unwrap();
     assert!(restored.success() && cluster_ok(0), "services.sh restores the cluster");
     assert_eq!(l2.len(), 0, "L2 must converge to L3: {:?}", &l2[..l2.len().min(5)]);
 }

@@ -67,7 +67,10 @@ async fn an_older_version_never_wins_and_a_delete_is_a_versioned_tombstone() {
 async fn tiers_route_items_and_ttls_reach_l2() {
     let names = Names::new("engine_tiers");
     let engine = engine(engine_config(&names)).await;
-    let l2_only = SubmitOptions { tiers: Tiers { l1: false, l2: true, l3: false }, redis_ttl: CacheTtl::After(Duration::from_secs(60)) };
+    let l2_only = SubmitOptions {
+        tiers: Tiers { l1: false, l2: true, l3: false },
+        redis_ttl: CacheTtl::After(Duration::from_secs(60)),
+    };
     assert_eq!(engine.submit_with(SyncItem::new("only.l2", b"x".to_vec()), l2_only).await.unwrap(), Tier::L2);
     let l1_only = SubmitOptions { tiers: Tiers { l1: true, l2: false, l3: false }, redis_ttl: CacheTtl::Default };
     assert_eq!(engine.submit_with(SyncItem::new("only.l1", b"y".to_vec()), l1_only).await.unwrap(), Tier::L1);
@@ -88,11 +91,19 @@ async fn tiers_route_items_and_ttls_reach_l2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_every_accepted_item() {
     let names = Names::new("engine_shutdown");
-    let config = EngineConfig { batch: sync_engine::batch::BatchLimits { max_delay: Duration::from_secs(60), ..EngineConfig::in_memory().batch }, ..engine_config(&names) };
+    let config = EngineConfig {
+        batch: sync_engine::batch::BatchLimits {
+            max_delay: Duration::from_secs(60),
+            ..EngineConfig::in_memory().batch
+        },
+        ..engine_config(&names)
+    };
     let engine = engine(config).await;
     let mut receipts = Vec::new();
     for index in 0..250 {
-        receipts.push(engine.enqueue(SyncItem::new(format!("s.{index}"), b"v".to_vec()), SubmitOptions::default()).await.unwrap());
+        receipts.push(
+            engine.enqueue(SyncItem::new(format!("s.{index}"), b"v".to_vec()), SubmitOptions::default()).await.unwrap(),
+        );
     }
     // The batch is far from full and its age limit is a minute: only shutdown flushes it.
     engine.shutdown(Duration::from_secs(10)).await;

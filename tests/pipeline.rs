@@ -54,7 +54,8 @@ async fn poison_records_go_to_the_dead_letter_topic_with_reasons_and_good_ones_l
     let names = Names::new("poison");
     create_topic(&names.topic, PARTITIONS).await;
     create_topic(&names.dlq_topic, 1).await;
-    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { poison_share: 0.01, ..spec(&names, 10_000, 2_500) });
+    let mut workload =
+        Workload::new(sync_engine::workload::WorkloadSpec { poison_share: 0.01, ..spec(&names, 10_000, 2_500) });
     let records: Vec<_> = workload.by_ref().collect();
     let mut poison_by_reason: HashMap<String, usize> = HashMap::new();
     for record in records.iter().filter_map(|record| record.poison_reason) {
@@ -120,7 +121,8 @@ fn read_dead_letters(names: &Names, total: usize) -> HashMap<String, usize> {
 async fn a_small_memory_budget_pauses_and_resumes_partitions_and_loses_nothing() {
     let names = Names::new("pressure");
     create_topic(&names.topic, PARTITIONS).await;
-    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 2048, ..spec(&names, 12_000, 4_000) });
+    let mut workload =
+        Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 2048, ..spec(&names, 12_000, 4_000) });
     let ends = produce(&names, &mut workload).await;
     let budget = 4u64 << 20; // the backlog is ~24 MiB: six times the budget
     let kafka = sync_engine::config::KafkaConfig { memory_budget_bytes: budget, ..kafka_config(&names) };
@@ -154,7 +156,10 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
     assert!(started, "the first worker must be consuming before the second joins");
     let second = InProcessWorker::start(&names, kafka_config(&names)).await;
     let split = eventually(Duration::from_secs(40), || {
-        let (a, b) = (first.stats.assigned_partitions.load(Ordering::Relaxed), second.stats.assigned_partitions.load(Ordering::Relaxed));
+        let (a, b) = (
+            first.stats.assigned_partitions.load(Ordering::Relaxed),
+            second.stats.assigned_partitions.load(Ordering::Relaxed),
+        );
         a > 0 && b > 0 && a + b == PARTITIONS as u64
     })
     .await;
@@ -174,7 +179,10 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
     first.stop().await;
     second.stop().await;
     assert_eq!(committed, ends.0);
-    assert!(after.0 > before.0 && after.1 > before.1, "both workers must store items after the split: {before:?} -> {after:?}");
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "both workers must store items after the split: {before:?} -> {after:?}"
+    );
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
     assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
 }

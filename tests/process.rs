@@ -28,7 +28,8 @@ async fn a_worker_killed_mid_stream_loses_nothing_after_restart_and_sigterm_exit
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while committed_before_kill == 0 && std::time::Instant::now() < deadline {
         let names = names.clone();
-        committed_before_kill = tokio::task::spawn_blocking(move || committed(&names, PARTITIONS).values().sum::<i64>()).await.unwrap();
+        committed_before_kill =
+            tokio::task::spawn_blocking(move || committed(&names, PARTITIONS).values().sum::<i64>()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     signal(&worker, "KILL");
@@ -47,19 +48,30 @@ async fn a_worker_killed_mid_stream_loses_nothing_after_restart_and_sigterm_exit
         ends.record(partition, end - 1);
     }
     let mut worker = spawn_worker(&names, port, &[]);
-    let ready = eventually(Duration::from_secs(30), || http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await;
+    let ready = eventually(Duration::from_secs(30), || {
+        http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
+    })
+    .await;
     assert!(ready, "the restarted worker reports ready");
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
     assert_eq!(committed, ends.0, "after the restart every offset is committed");
 
     let metrics = http_get(port, "/metrics").expect("metrics endpoint answers");
-    for name in ["sync_records_consumed_total", "sync_items_settled_total", "sync_batch_items", "sync_flush_duration_seconds", "sync_bytes_in_flight_bytes"] {
+    for name in [
+        "sync_records_consumed_total",
+        "sync_items_settled_total",
+        "sync_batch_items",
+        "sync_flush_duration_seconds",
+        "sync_bytes_in_flight_bytes",
+    ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
     assert!(http_get(port, "/health/live").unwrap().starts_with("HTTP/1.0 200"));
 
     signal(&worker, "TERM");
-    let status = wait_exit(&mut worker, Duration::from_secs(30)).await.expect("SIGTERM stops the worker within its grace period");
+    let status = wait_exit(&mut worker, Duration::from_secs(30))
+        .await
+        .expect("SIGTERM stops the worker within its grace period");
     assert!(status.success(), "SIGTERM must drain and exit 0, got {status}");
 
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
@@ -75,7 +87,8 @@ const FIXED_OVERHEAD_BYTES: u64 = 96 << 20;
 async fn peak_rss_stays_under_the_budget_plus_a_fixed_overhead() {
     let names = Names::new("rss");
     create_topic(&names.topic, PARTITIONS).await;
-    let mut workload = Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 4096, ..spec(&names, 15_000, 15_000) });
+    let mut workload =
+        Workload::new(sync_engine::workload::WorkloadSpec { item_bytes: 4096, ..spec(&names, 15_000, 15_000) });
     let ends = produce(&names, &mut workload).await; // ~60 MiB backlog
     let budget: u64 = 16 << 20;
     let l1: u64 = 8 << 20;

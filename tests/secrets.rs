@@ -39,7 +39,10 @@ fn a_bad_configuration_names_the_variables_but_never_their_secret_values() {
         ("SYNC_BATCH_MAX_ITEMS", "zero".into()),
     ]);
     assert_eq!(code, Some(2));
-    assert!(text.contains("SYNC_SQL_URL") && text.contains("SYNC_REDIS_URLS") && text.contains("SYNC_BATCH_MAX_ITEMS"), "{text}");
+    assert!(
+        text.contains("SYNC_SQL_URL") && text.contains("SYNC_REDIS_URLS") && text.contains("SYNC_BATCH_MAX_ITEMS"),
+        "{text}"
+    );
     assert_clean("the configuration error", &text);
 }
 
@@ -84,7 +87,10 @@ async fn a_running_worker_keeps_secrets_out_of_logs_and_metrics() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let process = child.spawn().unwrap();
-    let ready = eventually(Duration::from_secs(30), || http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await;
+    let ready = eventually(Duration::from_secs(30), || {
+        http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
+    })
+    .await;
     let metrics = http_get(port, "/metrics").unwrap_or_default();
     signal(&process, "TERM");
     let output = process.wait_with_output().unwrap();

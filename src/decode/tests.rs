@@ -11,10 +11,7 @@ fn record(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[(&str, &[u8])]) -
         timestamp_ms: Some(1_000),
         key: key.map(Bytes::copy_from_slice),
         value: value.map(Bytes::copy_from_slice),
-        headers: headers
-            .iter()
-            .map(|(name, value)| (name.to_string(), Some(Bytes::copy_from_slice(value))))
-            .collect(),
+        headers: headers.iter().map(|(name, value)| (name.to_string(), Some(Bytes::copy_from_slice(value)))).collect(),
     }
 }
 

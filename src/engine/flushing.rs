@@ -70,7 +70,13 @@ async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &Cancellati
 }
 
 /// The outcome of one item, from its last tier.
-fn settle_result(stores: &Stores, pending: &Pending, l3: &L3Outcome, index: usize, l2_failed: &Option<SettleError>) -> SettleResult {
+fn settle_result(
+    stores: &Stores,
+    pending: &Pending,
+    l3: &L3Outcome,
+    index: usize,
+    l2_failed: &Option<SettleError>,
+) -> SettleResult {
     let tiers = pending.options.tiers;
     if tiers.l3 && stores.l3.is_some() {
         return l3.unsettled.get(&index).map_or(Ok(l3.tier), |error| Err(error.clone()));

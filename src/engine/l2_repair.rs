@@ -8,8 +8,8 @@
 //! prefix is scheduled for invalidation instead (every key under it deleted).
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,10 @@ impl DirtyIds {
         }
         dirty.ids.extend(ids);
         if dirty.ids.len() > MAX_DIRTY_IDS {
-            tracing::error!(ids = dirty.ids.len(), "too many stale L2 ids to track, the whole L2 prefix will be invalidated");
+            tracing::error!(
+                ids = dirty.ids.len(),
+                "too many stale L2 ids to track, the whole L2 prefix will be invalidated"
+            );
             dirty.ids = HashSet::new();
             dirty.overflowed = true;
         }

@@ -164,7 +164,9 @@ impl SyncEngine {
             None => None,
         };
         let wal = match (&l3, &self.config.wal_dir) {
-            (Some(_), Some(dir)) => Some(wal::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?),
+            (Some(_), Some(dir)) => {
+                Some(wal::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?)
+            }
             _ => None,
         };
         let (failures, cool_down) = (self.config.breaker_failures, self.config.breaker_cool_down);
@@ -197,7 +199,8 @@ impl SyncEngine {
             return Err(EngineError::ShuttingDown);
         }
         let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
-        crate::decode::validate_id(item.id.as_bytes()).map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
+        crate::decode::validate_id(item.id.as_bytes())
+            .map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
         let item = Arc::new(item);
         if options.tiers.l1 {
             self.l1.put_if_newer(item.clone()).await;
@@ -209,7 +212,10 @@ impl SyncEngine {
             let _ = ack.send(Ok(Tier::L1));
             return Ok(SettleReceipt(receipt));
         }
-        queue_tx.send(Queued::Item(Pending { item, enqueued_at: std::time::Instant::now(), options, ack })).await.map_err(|_| EngineError::ShuttingDown)?;
+        queue_tx
+            .send(Queued::Item(Pending { item, enqueued_at: std::time::Instant::now(), options, ack }))
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
         Ok(SettleReceipt(receipt))
     }
 

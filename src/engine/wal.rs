@@ -39,11 +39,19 @@ pub(super) async fn open(dir: PathBuf, max_bytes: u64) -> Result<SharedWal, WalE
 
 fn report_recovery(report: &RecoveryReport) {
     if report.segments > 0 {
-        tracing::warn!(segments = report.segments, records = report.records, bytes = report.bytes, "write-ahead log holds batches from before the start, draining them into L3");
+        tracing::warn!(
+            segments = report.segments,
+            records = report.records,
+            bytes = report.bytes,
+            "write-ahead log holds batches from before the start, draining them into L3"
+        );
     }
     if report.torn_bytes > 0 {
         metrics::counter!(m::WAL_TORN_BYTES).increment(report.torn_bytes);
-        tracing::warn!(bytes = report.torn_bytes, "cut a torn write-ahead log tail (never settled: Kafka redelivers it)");
+        tracing::warn!(
+            bytes = report.torn_bytes,
+            "cut a torn write-ahead log tail (never settled: Kafka redelivers it)"
+        );
     }
     for record in &report.corrupt {
         metrics::counter!(m::WAL_CORRUPT_RECORDS).increment(1);
@@ -144,7 +152,12 @@ async fn drain(stores: &Stores, wal: &SharedWal) -> Result<(), StoreError> {
         };
         metrics::gauge!(m::WAL_BYTES).set(total as f64);
         let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(items = drained, seconds, items_per_sec = drained as f64 / seconds.max(1e-6), "drained a write-ahead log segment into L3");
+        tracing::info!(
+            items = drained,
+            seconds,
+            items_per_sec = drained as f64 / seconds.max(1e-6),
+            "drained a write-ahead log segment into L3"
+        );
     }
 }
 

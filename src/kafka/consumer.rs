@@ -54,7 +54,10 @@ pub enum RebalanceEvent {
 
 /// What the worker tells the consumer thread.
 pub enum ConsumerCommand {
-    Commit { offsets: Vec<(TopicPartition, i64)>, sync: bool },
+    Commit {
+        offsets: Vec<(TopicPartition, i64)>,
+        sync: bool,
+    },
     /// Pause everything and drop further records (they stay uncommitted): shutdown begins.
     StopFetching,
     /// Leave the group and end the thread.
@@ -138,7 +141,11 @@ pub struct ConsumerHandle {
 }
 
 /// Creates the consumer, subscribes, and starts its thread.
-pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>, stats: Arc<WorkerStats>) -> KafkaResult<ConsumerHandle> {
+pub fn start(
+    kafka: &KafkaConfig,
+    bytes_in_flight: Arc<AtomicU64>,
+    stats: Arc<WorkerStats>,
+) -> KafkaResult<ConsumerHandle> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (rebalance_tx, rebalance_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = std_mpsc::channel();
@@ -156,7 +163,20 @@ pub fn start(kafka: &KafkaConfig, bytes_in_flight: Arc<AtomicU64>, stats: Arc<Wo
     metrics::gauge!(m::MEMORY_BUDGET).set(kafka.memory_budget_bytes as f64);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
-        .spawn(move || PollLoop { consumer, events_tx, commands_rx, bytes_in_flight, stats, pressure, paused: false, fetching: true, topics: Vec::new() }.run())
+        .spawn(move || {
+            PollLoop {
+                consumer,
+                events_tx,
+                commands_rx,
+                bytes_in_flight,
+                stats,
+                pressure,
+                paused: false,
+                fetching: true,
+                topics: Vec::new(),
+            }
+            .run()
+        })
         .map_err(|error| rdkafka::error::KafkaError::Subscription(error.to_string()))?;
     Ok(ConsumerHandle { events_rx, rebalance_rx, commands_tx, thread })
 }
@@ -185,7 +205,9 @@ impl PollLoop {
                     let topic = intern(&mut self.topics, message.topic());
                     let record = to_raw_record(&message, topic);
                     let in_flight = self.bytes_in_flight.fetch_add(record.size_bytes() as u64, Ordering::SeqCst);
-                    self.stats.peak_bytes_in_flight.fetch_max(in_flight + record.size_bytes() as u64, Ordering::Relaxed);
+                    self.stats
+                        .peak_bytes_in_flight
+                        .fetch_max(in_flight + record.size_bytes() as u64, Ordering::Relaxed);
                     metrics::counter!(m::RECORDS_CONSUMED, "topic" => message.topic().to_owned()).increment(1);
                     if self.events_tx.send(ConsumerEvent::Record(record)).is_err() {
                         break;
@@ -243,7 +265,11 @@ impl PollLoop {
                 self.set_paused(true);
             }
             PressureDecision::Resume => {
-                tracing::info!(in_flight, low = self.pressure.low_bytes, "memory below low watermark, resuming partitions");
+                tracing::info!(
+                    in_flight,
+                    low = self.pressure.low_bytes,
+                    "memory below low watermark, resuming partitions"
+                );
                 self.set_paused(false);
             }
             PressureDecision::Stay => {}
@@ -264,7 +290,11 @@ impl PollLoop {
     }
 }
 
-fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64)], mode: CommitMode) -> KafkaResult<()> {
+fn commit(
+    consumer: &BaseConsumer<WorkerContext>,
+    offsets: &[(TopicPartition, i64)],
+    mode: CommitMode,
+) -> KafkaResult<()> {
     let mut list = TopicPartitionList::new();
     for ((topic, partition), offset) in offsets {
         list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;

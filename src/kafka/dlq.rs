@@ -25,7 +25,10 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(kafka: &KafkaConfig) -> rdkafka::error::KafkaResult<DeadLetterProducer> {
-        Ok(DeadLetterProducer { producer: super::client::producer_config(kafka).create()?, topic: kafka.dlq_topic.clone() })
+        Ok(DeadLetterProducer {
+            producer: super::client::producer_config(kafka).create()?,
+            topic: kafka.dlq_topic.clone(),
+        })
     }
 
     /// Publishes the record with its reason; resolves when the broker acknowledged it.
@@ -49,11 +52,7 @@ impl DeadLetterProducer {
         if let Some(value) = &record.value {
             message = message.payload(value.as_ref());
         }
-        self.producer
-            .send(message, Duration::from_secs(0))
-            .await
-            .map(|_| ())
-            .map_err(|(error, _)| error.to_string())
+        self.producer.send(message, Duration::from_secs(0)).await.map(|_| ()).map_err(|(error, _)| error.to_string())
     }
 
     /// Waits for outstanding dead-letter deliveries (at shutdown).

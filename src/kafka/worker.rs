@@ -92,7 +92,8 @@ pub async fn run(
     stats: Arc<WorkerStats>,
 ) -> anyhow::Result<()> {
     let bytes_in_flight = Arc::new(AtomicU64::new(0));
-    let ConsumerHandle { mut events_rx, mut rebalance_rx, commands_tx, thread } = consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
+    let ConsumerHandle { mut events_rx, mut rebalance_rx, commands_tx, thread } =
+        consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
     let mut worker = Worker {
         engine,
         dlq: DeadLetterProducer::new(&kafka)?,
@@ -163,7 +164,9 @@ impl Worker {
         self.stats.assigned_partitions.store(0, Ordering::Relaxed);
         while let Ok(queued) = events_rx.try_recv() {
             match queued {
-                ConsumerEvent::Record(record) if partitions.contains(&(record.topic.clone(), record.partition)) => self.release(&record),
+                ConsumerEvent::Record(record) if partitions.contains(&(record.topic.clone(), record.partition)) => {
+                    self.release(&record)
+                }
                 other => self.backlog.push_back(other),
             }
         }
@@ -194,7 +197,9 @@ impl Worker {
                     async move {
                         let outcome = match receipt.await {
                             Ok(_) => Outcome::Stored,
-                            Err(SettleError::Rejected(why)) => Outcome::Rejected(DeadLetterReason::RejectedByStore(why)),
+                            Err(SettleError::Rejected(why)) => {
+                                Outcome::Rejected(DeadLetterReason::RejectedByStore(why))
+                            }
                             Err(SettleError::Abandoned) => Outcome::Abandoned,
                         };
                         Settled { record, outcome }

@@ -22,7 +22,11 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(failure_threshold: u32, cool_down: Duration) -> CircuitBreaker {
-        CircuitBreaker { failure_threshold: failure_threshold.max(1), cool_down, state: BreakerState::Closed { failures: 0 } }
+        CircuitBreaker {
+            failure_threshold: failure_threshold.max(1),
+            cool_down,
+            state: BreakerState::Closed { failures: 0 },
+        }
     }
 
     /// May a call go through now? An open breaker lets one probe through after its cool-down.

@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::item::{Origin, SyncItem};
-use crate::resilience::wal_format::{decode_batch, encode_batch, frame, read_frame, Frame, FRAME_HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES};
+use crate::resilience::wal_format::{
+    decode_batch, encode_batch, frame, read_frame, Frame, FRAME_HEADER_BYTES, MAGIC, MAX_PAYLOAD_BYTES,
+};
 
 #[derive(Clone, Debug)]
 pub struct WalConfig {
@@ -280,7 +282,12 @@ impl SegmentReader {
         if read_up_to(&mut reader, &mut magic)? < magic.len() || &magic != MAGIC {
             return Ok(None);
         }
-        Ok(Some(SegmentReader { path: path.to_owned(), reader, failpoints: failpoints.clone(), position: MAGIC.len() as u64 }))
+        Ok(Some(SegmentReader {
+            path: path.to_owned(),
+            reader,
+            failpoints: failpoints.clone(),
+            position: MAGIC.len() as u64,
+        }))
     }
 
     /// The next batch or corrupt record; `None` at the end, at a torn tail or at garbage.

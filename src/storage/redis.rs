@@ -298,11 +298,9 @@ fn item_from_fields(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<SyncI
     let version = text(fields, "v")?.parse().ok()?;
     let deleted = text(fields, "d").as_deref() == Some("1");
     let origin = match (text(fields, "ot"), text(fields, "op"), text(fields, "oo")) {
-        (Some(topic), Some(partition), Some(offset)) if !topic.is_empty() => Some(Origin {
-            topic: topic.into(),
-            partition: partition.parse().ok()?,
-            offset: offset.parse().ok()?,
-        }),
+        (Some(topic), Some(partition), Some(offset)) if !topic.is_empty() => {
+            Some(Origin { topic: topic.into(), partition: partition.parse().ok()?, offset: offset.parse().ok()? })
+        }
         _ => None,
     };
     Some(SyncItem {

@@ -47,7 +47,9 @@ impl SlotMap {
         let mut ranges = Vec::with_capacity(entries.len());
         for entry in entries {
             let Value::Array(fields) = entry else { return None };
-            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) = (fields.first(), fields.get(1), fields.get(2)) else {
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
                 return None;
             };
             let host = match master.first()? {

@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn chunks_use_fixed_sizes_and_keep_every_item_once() {
         let item = SyncItem::new("a", Bytes::from_static(b"x"));
-        let items: Vec<&SyncItem> = std::iter::repeat(&item).take(623).collect();
+        let items: Vec<&SyncItem> = std::iter::repeat_n(&item, 623).collect();
         let sizes: Vec<usize> = chunks(&items).iter().map(|chunk| chunk.len()).collect();
         assert_eq!(sizes, vec![100, 100, 100, 100, 100, 100, 10, 10, 1, 1, 1]);
         assert_eq!(sizes.iter().sum::<usize>(), 623);
@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn chunks_stay_under_the_byte_cap() {
         let item = SyncItem::new("a", Bytes::from(vec![0u8; 1 << 20]));
-        let items: Vec<&SyncItem> = std::iter::repeat(&item).take(12).collect();
+        let items: Vec<&SyncItem> = std::iter::repeat_n(&item, 12).collect();
         for chunk in chunks(&items) {
             assert!(content_bytes(chunk) <= CHUNK_MAX_BYTES || chunk.len() == 1);
         }

@@ -116,13 +116,21 @@ impl MySqlStore {
             self.table
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
-        row.map(|row| Ok::<_, StoreError>(sql::item_from_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)?)).transpose()
+        row.map(|row| sql::item_from_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)).transpose()
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
-        let statement = format!("SELECT id, version, content_hash, deleted, updated_at_ms FROM {} ORDER BY id", self.table);
+        let statement =
+            format!("SELECT id, version, content_hash, deleted, updated_at_ms FROM {} ORDER BY id", self.table);
         let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter().map(|row| sql::summary_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?, row.try_get::<u64, _>("updated_at_ms").map_err(classify)?))
+        rows.iter()
+            .map(|row| {
+                sql::summary_from_row(
+                    row,
+                    row.try_get::<u64, _>("version").map_err(classify)?,
+                    row.try_get::<u64, _>("updated_at_ms").map_err(classify)?,
+                )
+            })
             .collect()
     }
 
@@ -130,4 +138,3 @@ impl MySqlStore {
         self.pool.close().await;
     }
 }
-

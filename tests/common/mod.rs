@@ -31,7 +31,8 @@ pub fn mysql_url() -> String {
 }
 
 pub fn redis_urls() -> Vec<String> {
-    let urls = std::env::var("SYNC_TEST_REDIS_URLS").unwrap_or_else(|_| "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into());
+    let urls = std::env::var("SYNC_TEST_REDIS_URLS")
+        .unwrap_or_else(|_| "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into());
     urls.split(',').map(|url| url.trim().to_owned()).filter(|url| !url.is_empty()).collect()
 }
 
@@ -97,7 +98,11 @@ pub async fn produce(names: &Names, workload: &mut Workload) -> EndOffsets {
 }
 
 /// Publishes more records and extends the end offsets with their delivery reports.
-pub async fn publish_more(producer: &ItemProducer, records: Vec<sync_engine::workload::OutgoingRecord>, ends: &mut EndOffsets) {
+pub async fn publish_more(
+    producer: &ItemProducer,
+    records: Vec<sync_engine::workload::OutgoingRecord>,
+    ends: &mut EndOffsets,
+) {
     let more = publish_all(producer, records, 0, || {}).await.expect("all records delivered");
     producer.flush();
     for (partition, end) in more.0 {
@@ -122,9 +127,12 @@ pub fn kafka_config(names: &Names) -> KafkaConfig {
         topics: vec![names.topic.clone()],
         group_id: names.group.clone(),
         dlq_topic: names.dlq_topic.clone(),
-        passthrough: [("session.timeout.ms".to_owned(), Secret::new("6000")), ("heartbeat.interval.ms".to_owned(), Secret::new("500"))]
-            .into_iter()
-            .collect(),
+        passthrough: [
+            ("session.timeout.ms".to_owned(), Secret::new("6000")),
+            ("heartbeat.interval.ms".to_owned(), Secret::new("500")),
+        ]
+        .into_iter()
+        .collect(),
         commit_interval: Duration::from_millis(200),
         revoke_deadline: Duration::from_secs(4),
         memory_budget_bytes: 64 << 20,
@@ -151,7 +159,8 @@ impl InProcessWorker {
         let engine = Arc::new(engine);
         let stats = Arc::new(WorkerStats::default());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(20), stats.clone()));
+        let task =
+            tokio::spawn(worker::run(kafka, engine.clone(), stop.clone(), Duration::from_secs(20), stats.clone()));
         InProcessWorker { stats, engine, stop, task }
     }
 
@@ -208,7 +217,12 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 }
 
 /// Waits until the committed offsets reach the end offsets of every produced partition.
-pub async fn wait_for_commits(names: &Names, partitions: i32, ends: &EndOffsets, timeout: Duration) -> HashMap<i32, i64> {
+pub async fn wait_for_commits(
+    names: &Names,
+    partitions: i32,
+    ends: &EndOffsets,
+    timeout: Duration,
+) -> HashMap<i32, i64> {
     let names = names.clone();
     let want = ends.0.clone();
     let deadline = Instant::now() + timeout;
@@ -235,7 +249,10 @@ pub async fn l3_rows_at(url: &str, names: &Names) -> Vec<RowSummary> {
 }
 
 /// L2 state per expected id: `(version, sha256 of content or None for a tombstone, ttl)`.
-pub async fn l2_state(names: &Names, ids: impl Iterator<Item = String>) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
+pub async fn l2_state(
+    names: &Names,
+    ids: impl Iterator<Item = String>,
+) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
     use redis::AsyncCommands;
     let client = redis::cluster::ClusterClient::new(redis_urls()).expect("cluster client");
     let mut connection = client.get_async_connection().await.expect("cluster connection");
@@ -282,8 +299,19 @@ pub async fn compare_l2(names: &Names, workload: &Workload) -> Vec<String> {
 
 // ---- the worker as a child process ----
 
+/// A free port outside the kernel's ephemeral range (32768-60999 here), so it cannot be
+/// taken as the source port of some outgoing connection between a server's stop and its
+/// restart on the same port. Unique within this test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + offset) % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn spawn_worker(names: &Names, metrics_port: u16, extra: &[(&str, String)]) -> Child {
