@@ -179,7 +179,8 @@ impl SyncEngine {
             l2_breaker: SharedBreaker::new("l2", failures, cool_down),
             redis_ttl_secs: self.config.redis_ttl_secs,
         });
-        // Two batches may wait while one is written: enough to overlap batching with writing.
+        // The queue holds two batches' worth of items and the batch channel two batches:
+        // enough to keep batching while earlier batches are written, and no more.
         let (queue_tx, queue_rx) = mpsc::channel(self.config.batch.max_items.max(1) * 2);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         self.tasks.spawn(batching::run(queue_rx, batch_tx, self.config_rx.clone(), self.stopping.clone()));
