@@ -25,11 +25,6 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-
-    /// The URL with any password replaced, safe to log.
-    pub fn redacted_url(&self) -> String {
-        redact_url(&self.0)
-    }
 }
 
 impl fmt::Debug for Secret {

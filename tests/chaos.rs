@@ -110,15 +110,12 @@ async fn a_worker_killed_while_its_wal_drains_finishes_the_drain_after_restart()
     private_mariadb("start", port);
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     create_topic(&names.topic, PARTITIONS).await;
-    let wal_dir = std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group));
+    let wal_dir = names.wal_dir();
     let mut env = wal_worker_env(&url);
     env.push(("SYNC_BATCH_MAX_ITEMS", "200".to_owned()));
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
-    let ready = eventually(Duration::from_secs(30), || {
-        http_get(metrics_port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
-    })
-    .await;
+    let ready = wait_ready(metrics_port, Duration::from_secs(30)).await;
     assert!(ready);
     private_mariadb("kill", port);
 
@@ -180,15 +177,11 @@ async fn a_torn_wal_tail_after_a_crash_is_cut_at_restart_and_the_final_state_is_
     private_mariadb("start", port);
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     create_topic(&names.topic, PARTITIONS).await;
-    let wal_dir = std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group));
+    let wal_dir = names.wal_dir();
     let env = wal_worker_env(&url);
     let metrics_port = free_port();
     let mut worker = spawn_worker(&names, metrics_port, &env);
-    assert!(
-        eventually(Duration::from_secs(30), || http_get(metrics_port, "/health/ready")
-            .is_some_and(|r| r.starts_with("HTTP/1.0 200")))
-        .await
-    );
+    assert!(wait_ready(metrics_port, Duration::from_secs(30)).await);
     private_mariadb("kill", port);
     let mut workload = Workload::new(spec(&names, 8_000, 3_000));
     let producer = ItemProducer::new(&brokers(), &names.topic).unwrap();

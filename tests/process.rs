@@ -48,10 +48,7 @@ async fn a_worker_killed_mid_stream_loses_nothing_after_restart_and_sigterm_exit
         ends.record(partition, end - 1);
     }
     let mut worker = spawn_worker(&names, port, &[]);
-    let ready = eventually(Duration::from_secs(30), || {
-        http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
-    })
-    .await;
+    let ready = wait_ready(port, Duration::from_secs(30)).await;
     assert!(ready, "the restarted worker reports ready");
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
     assert_eq!(committed, ends.0, "after the restart every offset is committed");

@@ -55,7 +55,7 @@ fn a_refused_database_login_reports_the_error_without_the_password() {
         ("SYNC_SQL_URL", url),
         ("SYNC_SQL_TABLE", names.table.clone()),
         ("SYNC_METRICS_ADDR", format!("127.0.0.1:{}", free_port())),
-        ("SYNC_WAL_DIR", std::env::temp_dir().join(format!("wal-{}", names.group)).display().to_string()),
+        ("SYNC_WAL_DIR", names.wal_dir().display().to_string()),
         ("SYNC_KAFKA_OPT_SASL_PASSWORD", SASL_PASSWORD.into()),
     ]);
     assert_ne!(code, Some(0));
@@ -81,16 +81,13 @@ async fn a_running_worker_keeps_secrets_out_of_logs_and_metrics() {
         .env("SYNC_SQL_URL", mysql_url())
         .env("SYNC_SQL_TABLE", &names.table)
         .env("SYNC_METRICS_ADDR", format!("127.0.0.1:{port}"))
-        .env("SYNC_WAL_DIR", std::env::temp_dir().join(format!("wal-{}", names.group)))
+        .env("SYNC_WAL_DIR", names.wal_dir())
         .env("SYNC_KAFKA_OPT_SASL_USERNAME", "sync")
         .env("SYNC_KAFKA_OPT_SASL_PASSWORD", SASL_PASSWORD)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let process = child.spawn().unwrap();
-    let ready = eventually(Duration::from_secs(30), || {
-        http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))
-    })
-    .await;
+    let ready = wait_ready(port, Duration::from_secs(30)).await;
     let metrics = http_get(port, "/metrics").unwrap_or_default();
     signal(&process, "TERM");
     let output = process.wait_with_output().unwrap();

@@ -51,6 +51,11 @@ pub struct Names {
 }
 
 impl Names {
+    /// The WAL directory of this test's worker processes (kept across their restarts).
+    pub fn wal_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("sync-engine-wal-{}", self.group))
+    }
+
     pub fn new(test: &str) -> Names {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let unique = format!("{test}_{}_{}", std::process::id(), nanos % 1_000_000_000);
@@ -335,13 +340,18 @@ pub fn spawn_worker(names: &Names, metrics_port: u16, extra: &[(&str, String)]) 
         .env("SYNC_REVOKE_DEADLINE_MS", "4000")
         .env("SYNC_COMMIT_INTERVAL_MS", "200")
         .env("SYNC_LOG", "warn")
-        .env("SYNC_WAL_DIR", std::env::temp_dir().join(format!("sync-engine-wal-{}", names.group)))
+        .env("SYNC_WAL_DIR", names.wal_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (name, value) in extra {
         command.env(name, value);
     }
     command.spawn().expect("worker process starts")
+}
+
+/// Waits until the worker on `port` answers `/health/ready` with 200.
+pub async fn wait_ready(port: u16, timeout: Duration) -> bool {
+    eventually(timeout, || http_get(port, "/health/ready").is_some_and(|r| r.starts_with("HTTP/1.0 200"))).await
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<String> {
