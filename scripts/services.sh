@@ -79,11 +79,13 @@ start_mysql() {
         [[ -x /usr/sbin/mariadbd ]] || apt_install mariadb-server
         [[ -d /var/lib/mysql/mysql ]] || mariadb-install-db --user=mysql >/dev/null
         install -d -o mysql -g mysql /run/mysqld # pid file and socket live here
-        log "starting MariaDB"
-        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+        log "starting MariaDB (log: $SERVICES_DIR/mariadb.log)"
+        # As root, mariadbd refuses to start unless told which user to run as.
+        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- \
+            --user=mysql --log-error="$SERVICES_DIR/mariadb.log"
     fi
     wait_for "$WAIT_SECS" "MySQL at $host:$port" mysql_ping ||
-        die "MySQL at $host:$port does not answer (see /var/log/mysql/error.log if it is local)"
+        die "MySQL at $host:$port does not answer (see $SERVICES_DIR/mariadb.log if it is local)"
 
     if ! sql 'SELECT 1' >/dev/null 2>&1 && [[ -z $user_set ]]; then
         # A fresh Debian install lets root in only over the unix socket: allow a passwordless
