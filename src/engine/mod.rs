@@ -193,6 +193,18 @@ impl SyncEngine {
         Ok(())
     }
 
+    /// The tiers this engine has: L1 always, L2 and L3 when configured and connected.
+    /// An item routed only to tiers it lacks would settle with nothing written: callers
+    /// (the Kafka worker) refuse such items instead.
+    pub fn tiers_available(&self) -> crate::options::Tiers {
+        let stores = self.stores.as_deref();
+        crate::options::Tiers {
+            l1: true,
+            l2: stores.is_some_and(|stores| stores.l2.is_some()),
+            l3: stores.is_some_and(|stores| stores.l3.is_some()),
+        }
+    }
+
     /// Writes to L1 and queues the item; the receipt resolves once it is settled.
     pub async fn enqueue(&self, item: SyncItem, options: SubmitOptions) -> Result<SettleReceipt, EngineError> {
         let queue_tx = self.queue_tx.as_ref().ok_or(EngineError::NotStarted)?;
