@@ -87,13 +87,16 @@ start_mysql() {
     wait_for "$WAIT_SECS" "MySQL at $host:$port" mysql_ping ||
         die "MySQL at $host:$port does not answer (see $SERVICES_DIR/mariadb.log if it is local)"
 
-    if ! sql 'SELECT 1' >/dev/null 2>&1 && [[ -z $user_set ]]; then
+    if [[ -z $user_set ]] && "$client" -u root -e 'SELECT 1' >/dev/null 2>&1; then
         # A fresh Debian install lets root in only over the unix socket: allow a passwordless
         # root from loopback, as the test machines have it (this server binds 127.0.0.1 only).
-        log "allowing passwordless root@127.0.0.1 (via the unix socket, as root)"
+        # mysql_native_password comes first: the server offers the first method in the TCP
+        # handshake, and clients like sqlx cannot switch from unix_socket to a password (the
+        # mariadb CLI can, so a CLI login is no proof). Idempotent: run on every start.
+        log "allowing passwordless root over loopback TCP (set up via the unix socket, as root)"
         "$client" -u root -e "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
             GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
-            ALTER USER 'root'@'localhost' IDENTIFIED VIA unix_socket OR mysql_native_password USING PASSWORD('');" ||
+            ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('') OR unix_socket;" ||
             die "could not set up root@127.0.0.1"
     fi
     sql 'SELECT 1' >/dev/null || die "cannot log in to MySQL at $host:$port as $user"
