@@ -12,7 +12,8 @@ use std::sync::Arc;
 use moka::future::Cache;
 use moka::ops::compute::Op;
 
-use crate::item::SyncItem;
+use crate::item::{supersedes, SyncItem};
+use crate::storage::sql::HeldRow;
 
 #[derive(Clone)]
 pub struct L1Cache {
@@ -36,6 +37,31 @@ impl L1Cache {
             .and_compute_with(|current| {
                 let replace = current.is_none_or(|entry| item.supersedes(entry.value()));
                 std::future::ready(if replace { Op::Put(item) } else { Op::Nop })
+            })
+            .await;
+    }
+
+    /// Drops the id's entry if L3's row supersedes it (L3 refused it, or never saw it).
+    pub async fn drop_if_older(&self, id: &str, row: &HeldRow) {
+        self.cache
+            .entry(id.to_owned())
+            .and_compute_with(|current| {
+                let older = current.is_some_and(|entry| {
+                    let cached = entry.value();
+                    supersedes(row.version, row.origin.as_ref(), cached.version, cached.origin.as_ref())
+                });
+                std::future::ready(if older { Op::Remove } else { Op::Nop })
+            })
+            .await;
+    }
+
+    /// Drops the entry if it is exactly this item (one L3 rejected for its content).
+    pub async fn remove_exact(&self, item: &SyncItem) {
+        self.cache
+            .entry(item.id.clone())
+            .and_compute_with(|current| {
+                let same = current.is_some_and(|entry| entry.value().as_ref() == item);
+                std::future::ready(if same { Op::Remove } else { Op::Nop })
             })
             .await;
     }

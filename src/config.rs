@@ -92,6 +92,12 @@ pub struct EngineConfig {
     /// Consecutive L3 failures that open its circuit breaker, and how long it stays open.
     pub breaker_failures: u32,
     pub breaker_cool_down: Duration,
+    /// Deadline for one L3 batch write (transaction included): past it L3 counts as
+    /// unavailable and the batch goes to the write-ahead log.
+    pub sql_write_timeout: Duration,
+    /// The largest item the caller accepts (`SYNC_MAX_ITEM_BYTES`), checked at start against
+    /// what L3 can store in one row; `None` = not checked.
+    pub max_item_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +244,8 @@ impl Config {
             wal_max_bytes: r.number("SYNC_WAL_MAX_BYTES", GIB, 1 << 20, 1 << 50),
             breaker_failures: r.number("SYNC_BREAKER_FAILURES", 3, 1, 1_000),
             breaker_cool_down: Duration::from_millis(r.number("SYNC_BREAKER_COOLDOWN_MS", 2_000, 10, 600_000)),
+            sql_write_timeout: Duration::from_millis(r.number("SYNC_SQL_WRITE_TIMEOUT_MS", 5_000, 100, 600_000)),
+            max_item_bytes: Some(kafka.max_item_bytes as u64),
         };
         let config = Config {
             kafka,
@@ -269,6 +277,8 @@ impl EngineConfig {
             wal_max_bytes: GIB,
             breaker_failures: 3,
             breaker_cool_down: Duration::from_secs(2),
+            sql_write_timeout: Duration::from_secs(5),
+            max_item_bytes: None,
         }
     }
 }

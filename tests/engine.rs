@@ -113,3 +113,54 @@ async fn shutdown_flushes_every_accepted_item() {
     assert_eq!(l3_rows(&names).await.len(), 250);
     assert!(engine.enqueue(SyncItem::new("late", b"v".to_vec()), SubmitOptions::default()).await.is_err());
 }
+
+/// Issue 6, item 6: each tier used to be guarded only against what it holds itself, so once
+/// an L2 entry expired an older version (or an upsert older than a delete) replayed later
+/// was refused by L3 but taken by L1 and L2. The end state must be: an id present in L1 or
+/// L2 holds the version L3 holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_l2_expiry_an_older_replay_l3_refuses_never_reaches_l1_or_l2() {
+    let names = Names::new("engine_stale_l2");
+    let config = EngineConfig { redis_ttl_secs: 1, ..engine_config(&names) };
+    let writer = engine(config.clone()).await;
+    writer.submit(SyncItem::new("p.upserted", b"new".to_vec()).with_version(5)).await.unwrap();
+    writer.submit(SyncItem::tombstone("p.deleted", 5)).await.unwrap();
+    writer.shutdown(Duration::from_secs(5)).await;
+    let redis = RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap();
+    assert!(wait_until_gone(&redis, &["p.upserted", "p.deleted"]).await, "L2 entries expire after 1 s");
+
+    // A fresh engine (empty L1) replays older versions: L3 refuses them.
+    let replayer = engine(config).await;
+    replayer.submit(SyncItem::new("p.upserted", b"old".to_vec()).with_version(3)).await.unwrap();
+    replayer.submit(SyncItem::new("p.deleted", b"zombie".to_vec()).with_version(4)).await.unwrap();
+    let rows = l3_rows(&names).await;
+    assert_eq!(
+        rows.iter().map(|row| (row.id.as_str(), row.version)).collect::<Vec<_>>(),
+        [("p.deleted", 5), ("p.upserted", 5)]
+    );
+    for id in ["p.upserted", "p.deleted"] {
+        if let Some(in_l2) = redis.get(id).await.unwrap() {
+            assert_eq!(in_l2.version, 5, "L2 holds a version L3 refused for {id}");
+        }
+    }
+    let read = replayer.get("p.upserted").await.unwrap().expect("the newest upsert is readable");
+    assert_eq!((read.version, read.content.as_deref()), (5, Some(&b"new"[..])), "L1 answered a version L3 refused");
+    assert!(replayer.get("p.deleted").await.unwrap().is_none(), "a delete was resurrected by an older upsert");
+    replayer.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Waits until none of these ids is in L2 (their TTL passed).
+async fn wait_until_gone(redis: &RedisStore, ids: &[&str]) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let mut present = false;
+        for id in ids {
+            present |= redis.get(id).await.unwrap().is_some();
+        }
+        if !present {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}

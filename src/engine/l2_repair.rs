@@ -85,7 +85,9 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
             _ = stopping.cancelled() => return,
             _ = tokio::time::sleep(REPAIR_INTERVAL) => {}
         }
-        while stores.l2_dirty.len() > 0 && !stopping.is_cancelled() {
+        // L3 is behind while the write-ahead log holds batches: repair from it afterwards.
+        let wal_pending = stores.wal.as_ref().is_some_and(|wal| wal.lock().map(|log| !log.is_empty()).unwrap_or(true));
+        while !wal_pending && stores.l2_dirty.len() > 0 && !stopping.is_cancelled() {
             let (ids, overflowed) = stores.l2_dirty.take(REPAIR_CHUNK);
             let taken = ids.len();
             match repair(&stores, l2, ids, overflowed).await {

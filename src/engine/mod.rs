@@ -111,8 +111,19 @@ struct Pending {
     ack: oneshot::Sender<SettleResult>,
 }
 
-/// The connected tiers below L1, the L3 write-ahead log, L2 repair and the circuit breakers.
+/// An item L3 rejected for its content while the write-ahead log drained: it had settled in
+/// the WAL and its offset may be committed, so whoever runs the engine dead-letters it from
+/// here (`SyncEngine::take_late_rejections`).
+#[derive(Debug)]
+pub struct LateRejection {
+    pub item: SyncItem,
+    pub reason: String,
+}
+
+/// The tiers, the L3 write-ahead log, L2 repair and the circuit breakers.
 pub(crate) struct Stores {
+    /// L1, so that flushes and the WAL drain can drop entries L3 refused.
+    pub l1: L1Cache,
     pub l2: Option<RedisStore>,
     pub l3: Option<SqlStore>,
     pub wal: Option<wal::SharedWal>,
@@ -121,6 +132,8 @@ pub(crate) struct Stores {
     pub l3_breaker: SharedBreaker,
     pub l2_breaker: SharedBreaker,
     pub redis_ttl_secs: u64,
+    pub sql_write_timeout: std::time::Duration,
+    pub late_rejections: mpsc::UnboundedSender<LateRejection>,
 }
 
 pub struct SyncEngine {
@@ -134,6 +147,7 @@ pub struct SyncEngine {
     /// Hard stop: give up retrying an unavailable store.
     aborting: CancellationToken,
     tasks: TaskTracker,
+    late_rejections: std::sync::Mutex<Option<mpsc::UnboundedReceiver<LateRejection>>>,
 }
 
 impl SyncEngine {
@@ -148,6 +162,7 @@ impl SyncEngine {
             stopping: CancellationToken::new(),
             aborting: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            late_rejections: std::sync::Mutex::new(None),
         }
     }
 
@@ -169,8 +184,22 @@ impl SyncEngine {
             }
             _ => None,
         };
+        if let (Some(l3), Some(limit)) = (&l3, self.config.max_item_bytes) {
+            if let Some(l3_limit) = l3.max_item_bytes().filter(|l3_limit| *l3_limit < limit) {
+                tracing::warn!(
+                    max_item_bytes = limit,
+                    l3_max_item_bytes = l3_limit,
+                    "SYNC_MAX_ITEM_BYTES is above what MySQL's max_allowed_packet lets one row carry: \
+                     items larger than l3_max_item_bytes will be rejected by L3 and dead-lettered \
+                     (raise max_allowed_packet on the server, or lower SYNC_MAX_ITEM_BYTES)"
+                );
+            }
+        }
         let (failures, cool_down) = (self.config.breaker_failures, self.config.breaker_cool_down);
+        let (late_tx, late_rx) = mpsc::unbounded_channel();
+        *self.late_rejections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(late_rx);
         let stores = Arc::new(Stores {
+            l1: self.l1.clone(),
             l2,
             l3,
             wal,
@@ -178,6 +207,8 @@ impl SyncEngine {
             l3_breaker: SharedBreaker::new("l3", failures, cool_down),
             l2_breaker: SharedBreaker::new("l2", failures, cool_down),
             redis_ttl_secs: self.config.redis_ttl_secs,
+            sql_write_timeout: self.config.sql_write_timeout,
+            late_rejections: late_tx,
         });
         // The queue holds two batches' worth of items and the batch channel two batches:
         // enough to keep batching while earlier batches are written, and no more.
@@ -203,6 +234,12 @@ impl SyncEngine {
             l2: stores.is_some_and(|stores| stores.l2.is_some()),
             l3: stores.is_some_and(|stores| stores.l3.is_some()),
         }
+    }
+
+    /// Items L3 rejected while the write-ahead log drained (once; `None` after the first
+    /// call or before `start`). The Kafka worker dead-letters them.
+    pub fn take_late_rejections(&self) -> Option<mpsc::UnboundedReceiver<LateRejection>> {
+        self.late_rejections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 
     /// Writes to L1 and queues the item; the receipt resolves once it is settled.

@@ -6,6 +6,12 @@
 //! segments are read without it, one frame at a time, so draining never blocks appends for
 //! long and never loads the whole log into memory. The L3 circuit breaker is the drain's
 //! probe: a failed drain keeps it open, a successful one closes it.
+//!
+//! Each replayed frame gets L3's verdict like a live batch: L1 and L2 entries that L3's rows
+//! supersede are dropped (invariant 6). A frame L3 rejects is written item by item; an item
+//! L3 rejects for its content is dropped from L1 and L2 and handed to whoever runs the engine
+//! to dead-letter (`LateRejection`), so one bad item never blocks the drain. A stop request
+//! ends the drain between frames: what is left is replayed at the next start.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -14,11 +20,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::Stores;
+use super::flushing::{apply_l2, invalidate_l2};
+use super::{LateRejection, Stores};
 use crate::item::SyncItem;
 use crate::metrics as m;
 use crate::resilience::wal::{Failpoints, RecoveryReport, Scanned, SegmentReader, WalConfig, WalError, WriteAheadLog};
+use crate::storage::redis::L2Op;
+use crate::storage::sql::{HeldRows, SqlStore};
 use crate::storage::StoreError;
+
+/// Items L3 rejected for their content while draining (dead-lettered late).
+// TODO(move to metrics.rs with its description once that file is free)
+pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 
 const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Segments roll over at this size, so drained space is given back in steps.
@@ -95,7 +108,7 @@ pub(super) async fn run_drain(stores: Arc<Stores>, stopping: CancellationToken) 
         if empty || !stores.l3_breaker.allows() {
             continue;
         }
-        match drain(&stores, &wal).await {
+        match drain(&stores, &wal, &stopping).await {
             Ok(()) => stores.l3_breaker.record(true),
             Err(error) => {
                 metrics::counter!(m::WAL_ERRORS, "operation" => "drain").increment(1);
@@ -106,10 +119,14 @@ pub(super) async fn run_drain(stores: Arc<Stores>, stopping: CancellationToken) 
     }
 }
 
-/// Drains every sealed segment (sealing the active one when nothing else is left).
-async fn drain(stores: &Stores, wal: &SharedWal) -> Result<(), StoreError> {
+/// Drains every sealed segment (sealing the active one when nothing else is left), until
+/// done or asked to stop.
+async fn drain(stores: &Stores, wal: &SharedWal, stopping: &CancellationToken) -> Result<(), StoreError> {
     let Some(l3) = stores.l3.as_ref() else { return Ok(()) };
     loop {
+        if stopping.is_cancelled() {
+            return Ok(());
+        }
         let next = lock(wal)?.next_to_drain();
         let Some(path) = next else { return Ok(()) };
         let started = Instant::now();
@@ -127,10 +144,15 @@ async fn drain(stores: &Stores, wal: &SharedWal) -> Result<(), StoreError> {
         });
         let mut drained = 0u64;
         while let Some(scanned) = frames_rx.recv().await {
+            if stopping.is_cancelled() {
+                tracing::info!("stopping: the rest of the write-ahead log drains at the next start");
+                return Ok(());
+            }
             match scanned {
                 Scanned::Batch(items) => {
                     let refs: Vec<&SyncItem> = items.iter().collect();
-                    l3.write_batch(&refs).await?;
+                    let held = write_frame(stores, l3, &refs).await?;
+                    caches_follow_drained(stores, &refs, &held).await;
                     drained += items.len() as u64;
                     metrics::counter!(m::WAL_DRAINED_ITEMS).increment(items.len() as u64);
                 }
@@ -159,6 +181,61 @@ async fn drain(stores: &Stores, wal: &SharedWal) -> Result<(), StoreError> {
             "drained a write-ahead log segment into L3"
         );
     }
+}
+
+/// Writes one replayed frame; a rejected frame is written item by item, and each item L3
+/// rejects is reported instead of blocking the drain.
+async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+    match l3.write_batch(items, stores.sql_write_timeout).await {
+        Err(StoreError::Rejected(error)) => {
+            tracing::warn!(%error, items = items.len(), "L3 rejected a write-ahead log frame, writing it item by item");
+        }
+        other => return other,
+    }
+    let mut held = HeldRows::new();
+    for item in items {
+        match l3.write_batch(&[*item], stores.sql_write_timeout).await {
+            Ok(rows) => held.extend(rows),
+            Err(StoreError::Rejected(reason)) => reject_late(stores, item, reason).await,
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(held)
+}
+
+/// An item L3 will never take: out of the caches, counted, and handed over for dead-lettering.
+async fn reject_late(stores: &Stores, item: &SyncItem, reason: String) {
+    metrics::counter!(WAL_REJECTED_ITEMS).increment(1);
+    metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "rejected").increment(1);
+    let origin = item.origin.as_ref();
+    tracing::error!(
+        id = %item.id,
+        version = item.version,
+        topic = origin.map(|o| o.topic.as_ref()),
+        partition = origin.map(|o| o.partition),
+        offset = origin.map(|o| o.offset),
+        %reason,
+        "L3 rejected an item from the write-ahead log; it is dead-lettered, not stored"
+    );
+    stores.l1.remove_exact(item).await;
+    invalidate_l2(stores, &[item.id.as_str()]).await;
+    if stores.late_rejections.send(LateRejection { item: item.clone(), reason }).is_err() {
+        tracing::error!(id = %item.id, "nobody takes late rejections: the item is only logged");
+    }
+}
+
+/// Drops every L1 and L2 entry that the rows L3 now holds supersede (WAL'd items reached L1
+/// and L2 before L3 had its say).
+async fn caches_follow_drained(stores: &Stores, items: &[&SyncItem], held: &HeldRows) {
+    let mut ops = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(row) = held.get(&item.id) {
+            stores.l1.drop_if_older(&item.id, row).await;
+            ops.push(L2Op::DropIfOlder(&item.id, row));
+        }
+    }
+    let failed = apply_l2(stores, &ops).await;
+    stores.l2_dirty.add(failed);
 }
 
 fn lock(wal: &SharedWal) -> Result<std::sync::MutexGuard<'_, WriteAheadLog>, StoreError> {

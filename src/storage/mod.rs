@@ -17,6 +17,10 @@ pub enum StoreError {
     /// The store refuses this content: dead-letter the item.
     #[error("store rejected the item: {0}")]
     Rejected(String),
+    /// The store is healthy but this attempt lost a race (an InnoDB deadlock or lock-wait
+    /// timeout): retry soon; it says nothing about the store's health.
+    #[error("transient store error: {0}")]
+    Transient(String),
 }
 
 /// One stored row, as read back for verification.

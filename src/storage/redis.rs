@@ -3,7 +3,8 @@
 //! topic, partition and offset that break ties at equal versions (readers may ignore them).
 //!
 //! Writes are version-guarded by a Lua script that runs on the key's node, so a write never
-//! replaces a newer version (invariant 2). A batch is grouped by master (`redis_slots.rs`)
+//! replaces a newer version (invariant 2). A second script drops an entry that a given L3
+//! row supersedes: how the engine removes what L3 refused (invariant 6). A batch is grouped by master (`redis_slots.rs`)
 //! and sent as one pipeline of `EVALSHA` calls per master, routed by address: one round trip
 //! per node instead of one per item. Items whose pipeline fails (a stale slot map after a
 //! failover, a missing script) are retried one by one through the cluster client, which
@@ -23,6 +24,7 @@ use redis::{AsyncCommands, Script, Value};
 
 use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::redis_slots::{key_slot, Node, SlotMap};
+use crate::storage::sql::HeldRow;
 use crate::storage::StoreError;
 
 /// The least time between two reconnects.
@@ -50,12 +52,50 @@ if ARGV[5] == '0' then redis.call('PERSIST', KEYS[1]) else redis.call('EXPIRE', 
 return 1
 "#;
 
+/// Deletes the entry if L3's row (ARGV: version, origin topic, partition, offset) supersedes
+/// it, by the same rule as the write guard. An entry equal to or newer than the row stays.
+const DROP_IF_OLDER: &str = r#"
+local current = redis.call('HMGET', KEYS[1], 'v', 'ot', 'op', 'oo')
+if not current[1] then return 0 end
+local function greater(a, b) -- unsigned decimals without leading zeros
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local older
+if ARGV[1] ~= current[1] then
+  older = greater(ARGV[1], current[1])
+else
+  older = ARGV[2] ~= '' and current[2] == ARGV[2] and current[3] == ARGV[3] and current[4] and greater(ARGV[4], current[4])
+end
+if older then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"#;
+
+/// One change to L2.
+#[derive(Clone, Copy, Debug)]
+pub enum L2Op<'a> {
+    /// Write the item through the version guard, with this TTL in seconds (0 = none).
+    Write(&'a SyncItem, u64),
+    /// Drop the id's entry if this L3 row supersedes it.
+    DropIfOlder(&'a str, &'a HeldRow),
+}
+
+impl L2Op<'_> {
+    pub fn id(&self) -> &str {
+        match self {
+            L2Op::Write(item, _) => &item.id,
+            L2Op::DropIfOlder(id, _) => id,
+        }
+    }
+}
+
 pub struct RedisStore {
     client: ClusterClient,
     /// The multiplexed connection, replaced after failures (see `reconnect`).
     // A std Mutex: held only to clone or swap the handle, never across an await.
     connection: std::sync::Mutex<(ClusterConnection, Instant)>,
     script: Script,
+    drop_script: Script,
     prefix: String,
     /// The last `CLUSTER SLOTS` snapshot; `None` until loaded or after a pipeline failed.
     // A std Mutex: held only to clone or replace an Arc, never across an await.
@@ -75,6 +115,7 @@ impl RedisStore {
             client,
             connection: std::sync::Mutex::new((connection, Instant::now())),
             script: Script::new(GUARDED_WRITE),
+            drop_script: Script::new(DROP_IF_OLDER),
             prefix: prefix.to_owned(),
             slots: std::sync::Mutex::new(None),
         })
@@ -86,12 +127,21 @@ impl RedisStore {
 
     /// Writes each `(item, ttl_secs)`; 0 = no expiry. Returns the ids that failed.
     pub async fn write_batch(&self, items: &[(&SyncItem, u64)]) -> Vec<(String, StoreError)> {
+        let ops: Vec<L2Op> = items.iter().map(|(item, ttl)| L2Op::Write(item, *ttl)).collect();
+        self.apply(&ops).await
+    }
+
+    /// Applies each change, pipelined per master. Returns the ids that failed.
+    pub async fn apply(&self, items: &[L2Op<'_>]) -> Vec<(String, StoreError)> {
+        if items.is_empty() {
+            return Vec::new();
+        }
         let retry: Vec<usize> = match self.slot_map().await {
             Some(map) => {
                 let mut by_node: HashMap<&Node, Vec<usize>> = HashMap::new();
                 let mut unmapped = Vec::new();
-                for (index, (item, _)) in items.iter().enumerate() {
-                    match map.node(key_slot(self.key(&item.id).as_bytes())) {
+                for (index, op) in items.iter().enumerate() {
+                    match map.node(key_slot(self.key(op.id()).as_bytes())) {
                         Some(node) => by_node.entry(node).or_default().push(index),
                         None => unmapped.push(index),
                     }
@@ -107,7 +157,7 @@ impl RedisStore {
         };
         // Futures are built eagerly into a Vec: a lazily mapped stream trips the compiler's
         // `Send` inference for spawned tasks (a higher-ranked lifetime limitation).
-        let writes: Vec<_> = retry.into_iter().map(|index| self.write_one(items[index].0, items[index].1)).collect();
+        let writes: Vec<_> = retry.into_iter().map(|index| self.apply_one(items[index])).collect();
         let results: Vec<Option<(String, StoreError)>> =
             futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
         let failed: Vec<(String, StoreError)> = results.into_iter().flatten().collect();
@@ -118,12 +168,19 @@ impl RedisStore {
     }
 
     /// One pipeline of guarded writes to one master; returns the indexes that failed.
-    async fn write_pipeline(&self, node: &Node, items: &[(&SyncItem, u64)], indexes: Vec<usize>) -> Vec<usize> {
+    async fn write_pipeline(&self, node: &Node, items: &[L2Op<'_>], indexes: Vec<usize>) -> Vec<usize> {
         let mut pipeline = redis::pipe();
         for &index in &indexes {
-            let (item, ttl_secs) = items[index];
-            let command = pipeline.cmd("EVALSHA").arg(self.script.get_hash()).arg(1).arg(self.key(&item.id));
-            guarded_write_args(command, item, ttl_secs);
+            match items[index] {
+                L2Op::Write(item, ttl_secs) => {
+                    let command = pipeline.cmd("EVALSHA").arg(self.script.get_hash()).arg(1).arg(self.key(&item.id));
+                    guarded_write_args(command, item, ttl_secs);
+                }
+                L2Op::DropIfOlder(id, row) => {
+                    let command = pipeline.cmd("EVALSHA").arg(self.drop_script.get_hash()).arg(1).arg(self.key(id));
+                    drop_if_older_args(command, row);
+                }
+            }
         }
         let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
         let mut connection = self.connection();
@@ -160,9 +217,11 @@ impl RedisStore {
         let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
         let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
         for (host, port) in map.masters() {
-            let load = redis::cmd("SCRIPT").arg("LOAD").arg(GUARDED_WRITE).clone();
-            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-            connection.route_command(load, route).await.ok()?;
+            for script in [GUARDED_WRITE, DROP_IF_OLDER] {
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).clone();
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                connection.route_command(load, route).await.ok()?;
+            }
         }
         *self.slots.lock().ok()? = Some(map.clone());
         Some(map)
@@ -174,12 +233,22 @@ impl RedisStore {
         }
     }
 
-    async fn write_one(&self, item: &SyncItem, ttl_secs: u64) -> Option<(String, StoreError)> {
+    async fn apply_one(&self, op: L2Op<'_>) -> Option<(String, StoreError)> {
         let mut connection = self.connection();
-        let mut invocation = self.script.key(self.key(&item.id));
-        guarded_write_args(&mut invocation, item, ttl_secs);
+        let invocation = match op {
+            L2Op::Write(item, ttl_secs) => {
+                let mut invocation = self.script.key(self.key(&item.id));
+                guarded_write_args(&mut invocation, item, ttl_secs);
+                invocation
+            }
+            L2Op::DropIfOlder(id, row) => {
+                let mut invocation = self.drop_script.key(self.key(id));
+                drop_if_older_args(&mut invocation, row);
+                invocation
+            }
+        };
         let result: redis::RedisResult<i64> = invocation.invoke_async(&mut connection).await;
-        result.err().map(|error| (item.id.clone(), unavailable(error)))
+        result.err().map(|error| (op.id().to_owned(), unavailable(error)))
     }
 
     /// Deletes these ids' keys (reads then fall through to L3).
@@ -285,6 +354,16 @@ fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
         .push_arg(item.content_type.as_str())
         .push_arg(if item.is_tombstone() { "1" } else { "0" })
         .push_arg(ttl_secs.to_string())
+        .push_arg(origin.map_or("", |o| o.topic.as_ref()))
+        .push_arg(origin.map_or(String::new(), |o| o.partition.to_string()))
+        .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()));
+}
+
+/// The drop script's arguments: L3's row version and origin.
+fn drop_if_older_args<A: Args>(target: &mut A, row: &HeldRow) {
+    let origin = row.origin.as_ref();
+    target
+        .push_arg(row.version.to_string())
         .push_arg(origin.map_or("", |o| o.topic.as_ref()))
         .push_arg(origin.map_or(String::new(), |o| o.partition.to_string()))
         .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()));

@@ -7,7 +7,14 @@
 //! rows with `deleted = 1` and no content, so an older upsert replayed later cannot
 //! resurrect them. The table name comes from config and is validated as an identifier
 //! before it is ever interpolated; every value is a bound parameter.
+//!
+//! Inside the same transaction, a write reads back what each row holds after the guard
+//! (`HeldRow`): the caches above L3 take an item only if L3 holds exactly that item, so a
+//! version L3 refused never reaches L1 or L2 (docs/DESIGN.md, invariant 6). Every write has
+//! a deadline (`SYNC_SQL_WRITE_TIMEOUT_MS`): a hung connection or a long lock wait counts as
+//! unavailable, and the batch goes to the write-ahead log.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +32,28 @@ pub enum SqlStore {
     Sqlite(sql_sqlite::SqliteStore),
 }
 
+/// What L3 holds for an id right after a write: enough to tell whether it is a given item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldRow {
+    pub version: u64,
+    pub origin: Option<Origin>,
+    pub content_hash: [u8; 32],
+    pub deleted: bool,
+}
+
+impl HeldRow {
+    /// True if L3 holds exactly this item (not an older or newer one, not other content).
+    pub fn is(&self, item: &SyncItem) -> bool {
+        self.version == item.version
+            && self.origin == item.origin
+            && self.deleted == item.is_tombstone()
+            && self.content_hash == item.content_hash()
+    }
+}
+
+/// After a write, the row each written id holds, by id.
+pub type HeldRows = HashMap<String, HeldRow>;
+
 impl SqlStore {
     /// Connects and runs the migrations. `url` is `mysql://…` or `sqlite:…`.
     pub async fn connect(url: &str, table: &str) -> Result<SqlStore, StoreError> {
@@ -41,11 +70,29 @@ impl SqlStore {
         Ok(store)
     }
 
-    /// Writes a batch in one transaction. Items must be deduplicated by id by the caller.
-    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+    /// Writes a batch in one transaction, within `timeout`, and returns what each id holds
+    /// afterwards. Items must be deduplicated by id by the caller.
+    pub async fn write_batch(&self, items: &[&SyncItem], timeout: Duration) -> Result<HeldRows, StoreError> {
+        let write = async {
+            match self {
+                SqlStore::MySql(store) => store.write_batch(items).await,
+                SqlStore::Sqlite(store) => store.write_batch(items).await,
+            }
+        };
+        // Dropping the write rolls its transaction back; if the commit itself was already
+        // sent, it may still land, which the version guard makes harmless on replay.
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!("L3 write timed out after {} ms", timeout.as_millis()))),
+        }
+    }
+
+    /// The largest single item L3 can take in one statement (MySQL's `max_allowed_packet`
+    /// less room for the rest of the row); `None` when unbounded.
+    pub fn max_item_bytes(&self) -> Option<u64> {
         match self {
-            SqlStore::MySql(store) => store.write_batch(items).await,
-            SqlStore::Sqlite(store) => store.write_batch(items).await,
+            SqlStore::MySql(store) => Some(store.max_item_bytes()),
+            SqlStore::Sqlite(_) => None,
         }
     }
 
@@ -73,15 +120,15 @@ impl SqlStore {
     }
 }
 
-/// Cuts `items` into chunks of the fixed sizes, each under the byte cap.
-pub fn chunks<'a, 'b>(items: &'b [&'a SyncItem]) -> Vec<&'b [&'a SyncItem]> {
+/// Cuts `items` into chunks of the fixed sizes, each under `max_bytes` of content.
+pub fn chunks<'a, 'b>(items: &'b [&'a SyncItem], max_bytes: usize) -> Vec<&'b [&'a SyncItem]> {
     let mut out = Vec::new();
     let mut rest = items;
     while !rest.is_empty() {
         let fits = CHUNK_SIZES
             .iter()
             .copied()
-            .find(|&size| size <= rest.len() && content_bytes(&rest[..size]) <= CHUNK_MAX_BYTES)
+            .find(|&size| size <= rest.len() && content_bytes(&rest[..size]) <= max_bytes)
             .unwrap_or(1);
         let (chunk, tail) = rest.split_at(fits);
         out.push(chunk);
@@ -120,10 +167,22 @@ pub const ASSIGNED: [&str; 9] = [
 /// Connect and acquire timeout: short, so an outage reaches the WAL quickly (sqlx waits 30 s by default).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// MySQL error numbers that are about the statement's content, not the server's health.
+const ER_NET_PACKET_TOO_LARGE: u16 = 1153;
+/// MySQL error numbers of a transaction that lost a lock race: retry it, the server is fine.
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+
 pub fn classify(error: sqlx::Error) -> StoreError {
-    match &error {
+    let sqlx::Error::Database(db) = &error else { return StoreError::Unavailable(error.to_string()) };
+    let number = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|mysql| mysql.number());
+    match number {
+        Some(ER_NET_PACKET_TOO_LARGE) => {
+            StoreError::Rejected(format!("larger than the server's max_allowed_packet: {}", db.message()))
+        }
+        Some(ER_LOCK_WAIT_TIMEOUT | ER_LOCK_DEADLOCK) => StoreError::Transient(db.message().to_owned()),
         // SQLSTATE class 22 (data exception) and 23 (integrity) are about the row itself.
-        sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")) => {
+        _ if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23")) => {
             StoreError::Rejected(db.message().to_owned())
         }
         _ => StoreError::Unavailable(error.to_string()),
@@ -170,6 +229,44 @@ where
     })
 }
 
+/// `SELECT` of what L3 holds for `rows` ids, read back inside the write's transaction.
+pub fn held_rows_sql(table: &str, rows: usize) -> String {
+    let ids = vec!["?"; rows].join(", ");
+    format!(
+        "SELECT id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset \
+         FROM {table} WHERE id IN ({ids})"
+    )
+}
+
+/// A `HeldRow` from a `held_rows_sql` row; the version is decoded by the caller.
+pub fn held_row<'r, R>(row: &'r R, version: u64) -> Result<(String, HeldRow), StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: Vec<u8> = column(row, "id")?;
+    let hash: Vec<u8> = column(row, "content_hash")?;
+    let topic: Option<String> = column(row, "origin_topic")?;
+    let partition: Option<i32> = column(row, "origin_partition")?;
+    let offset: Option<i64> = column(row, "origin_offset")?;
+    let origin = match (topic, partition, offset) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
+        _ => None,
+    };
+    let held = HeldRow {
+        version,
+        origin,
+        content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
+        deleted: column(row, "deleted")?,
+    };
+    Ok((String::from_utf8_lossy(&id).into_owned(), held))
+}
+
 /// A summary from a `SELECT id, content_hash, deleted` row; version and time come decoded.
 pub fn summary_from_row<'r, R>(row: &'r R, version: u64, updated_at_ms: u64) -> Result<RowSummary, StoreError>
 where
@@ -198,8 +295,10 @@ mod tests {
     fn chunks_use_fixed_sizes_and_keep_every_item_once() {
         let item = SyncItem::new("a", Bytes::from_static(b"x"));
         let items: Vec<&SyncItem> = std::iter::repeat_n(&item, 623).collect();
-        let sizes: Vec<usize> = chunks(&items).iter().map(|chunk| chunk.len()).collect();
+        let sizes: Vec<usize> = chunks(&items, CHUNK_MAX_BYTES).iter().map(|chunk| chunk.len()).collect();
         assert_eq!(sizes, vec![100, 100, 100, 100, 100, 100, 10, 10, 1, 1, 1]);
+        let small_cap: Vec<usize> = chunks(&items, 64).iter().map(|chunk| chunk.len()).collect();
+        assert!(small_cap.iter().all(|&size| size == 10), "{small_cap:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 623);
     }
 
@@ -207,7 +306,7 @@ mod tests {
     fn chunks_stay_under_the_byte_cap() {
         let item = SyncItem::new("a", Bytes::from(vec![0u8; 1 << 20]));
         let items: Vec<&SyncItem> = std::iter::repeat_n(&item, 12).collect();
-        for chunk in chunks(&items) {
+        for chunk in chunks(&items, CHUNK_MAX_BYTES) {
             assert!(content_bytes(chunk) <= CHUNK_MAX_BYTES || chunk.len() == 1);
         }
     }

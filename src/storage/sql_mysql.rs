@@ -6,13 +6,18 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, placeholders, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError};
 
 pub struct MySqlStore {
     pool: MySqlPool,
     table: String,
+    /// The server's `max_allowed_packet`, read at connect: statements must stay under it.
+    max_allowed_packet: u64,
 }
+
+/// Room in a one-row statement for everything but the content (SQL text, id, hash, origin).
+const ROW_OVERHEAD_BYTES: u64 = 16 << 10;
 
 /// Migrations, in order; `{table}` is the validated table name.
 const MIGRATIONS: [(i64, &str); 1] = [(
@@ -45,9 +50,21 @@ impl MySqlStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        let store = MySqlStore { pool, table: table.to_owned() };
+        let max_allowed_packet: u64 =
+            sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
+        let store = MySqlStore { pool, table: table.to_owned(), max_allowed_packet };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The largest content one row can carry in a statement under `max_allowed_packet`.
+    pub fn max_item_bytes(&self) -> u64 {
+        self.max_allowed_packet.saturating_sub(ROW_OVERHEAD_BYTES)
+    }
+
+    /// Content bytes per multi-row statement: half the packet limit leaves room for the rest.
+    fn chunk_max_bytes(&self) -> usize {
+        (self.max_allowed_packet / 2).min(sql::CHUNK_MAX_BYTES as u64) as usize
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -85,10 +102,11 @@ impl MySqlStore {
         )
     }
 
-    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
         let updated_at_ms = now_ms();
         let mut transaction = self.pool.begin().await.map_err(classify)?;
-        for chunk in chunks(items) {
+        let mut held = HeldRows::with_capacity(items.len());
+        for chunk in chunks(items, self.chunk_max_bytes()) {
             let statement = self.upsert_sql(chunk.len());
             let mut query = sqlx::query(&statement);
             for item in chunk {
@@ -106,8 +124,19 @@ impl MySqlStore {
                     .bind(origin.map(|o| o.offset));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
+            // Read back under the row locks the upsert holds: what this transaction commits.
+            let select = sql::held_rows_sql(&self.table, chunk.len());
+            let mut query = sqlx::query(&select);
+            for item in chunk {
+                query = query.bind(item.id.as_bytes());
+            }
+            for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
+                let (id, row) = sql::held_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)?;
+                held.insert(id, row);
+            }
         }
-        transaction.commit().await.map_err(classify)
+        transaction.commit().await.map_err(classify)?;
+        Ok(held)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {

@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, placeholders, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError};
 
 pub struct SqliteStore {
@@ -93,13 +93,14 @@ impl SqliteStore {
         )
     }
 
-    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<(), StoreError> {
+    pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
         if let Some(item) = items.iter().find(|item| i64::try_from(item.version).is_err()) {
             return Err(StoreError::Rejected(format!("version {} exceeds sqlite's signed 64-bit range", item.version)));
         }
         let updated_at_ms = now_ms() as i64;
         let mut transaction = self.pool.begin().await.map_err(classify)?;
-        for chunk in chunks(items) {
+        let mut held = HeldRows::with_capacity(items.len());
+        for chunk in chunks(items, sql::CHUNK_MAX_BYTES) {
             let statement = self.upsert_sql(chunk.len());
             let mut query = sqlx::query(&statement);
             for item in chunk {
@@ -117,8 +118,19 @@ impl SqliteStore {
                     .bind(origin.map(|o| o.offset));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
+            // SQLite has one writer: the read-back sees exactly what this transaction commits.
+            let select = sql::held_rows_sql(&self.table, chunk.len());
+            let mut query = sqlx::query(&select);
+            for item in chunk {
+                query = query.bind(item.id.as_bytes());
+            }
+            for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
+                let (id, row) = sql::held_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)?;
+                held.insert(id, row);
+            }
         }
-        transaction.commit().await.map_err(classify)
+        transaction.commit().await.map_err(classify)?;
+        Ok(held)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
