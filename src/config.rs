@@ -1,4 +1,4 @@
-//! The whole configuration, from `SYNC_*` environment variables (DESIGN.md §5).
+//! The whole configuration, from `SYNC_*` environment variables (docs/DESIGN.md §5).
 //!
 //! Parsed once at start and validated as a whole: every bad variable is reported together,
 //! by name, and a secret's value never appears in a message. URLs that can carry passwords

@@ -1,4 +1,4 @@
-//! Decoding one Kafka record into an item, per the wire contract (DESIGN.md §2).
+//! Decoding one Kafka record into an item, per the wire contract (docs/DESIGN.md §2).
 //!
 //! Pure: it takes our own `RawRecord` (the Kafka module converts rdkafka's message at its
 //! edge) and returns either the item with its options, or the dead-letter reason. A malformed

@@ -1,4 +1,4 @@
-//! The dead-letter producer (DESIGN.md §2): a rejected record is republished to
+//! The dead-letter producer (docs/DESIGN.md §2): a rejected record is republished to
 //! `SYNC_DLQ_TOPIC` with its original key, value and headers, plus `sync-dlq-reason`
 //! (`code: message`), `sync-dlq-topic`, `sync-dlq-partition` and `sync-dlq-offset`, so an
 //! operator can fix and replay it with any Kafka tool. Its offset settles only once the
