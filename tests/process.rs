@@ -1,13 +1,18 @@
 //! The worker as a real process: `kill -9` mid-stream, restart, SIGTERM, health and metrics,
-//! and peak memory under a small budget.
+//! and peak memory under a small budget; the health endpoint against misbehaving clients.
 
 mod common;
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::demo::compare;
+use sync_engine::metrics::{BreakerPosition, Readiness, ReadyProbe, ReadyState, REQUEST_TIMEOUT};
 use sync_engine::workload::Workload;
+use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 4;
 
@@ -112,4 +117,70 @@ async fn peak_rss_stays_under_the_budget_plus_a_fixed_overhead() {
     eprintln!("peak RSS {} MiB for a budget of {} MiB + L1 {} MiB", peak >> 20, budget >> 20, l1 >> 20);
     assert!(peak <= budget + l1 + FIXED_OVERHEAD_BYTES, "peak RSS {} MiB over budget + L1 + overhead", peak >> 20);
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
+}
+
+/// Sends `request` as is and reads the response until the server closes the connection; a
+/// server that never closes fails the read after `REQUEST_TIMEOUT` plus a margin.
+fn send_raw(port: u16, request: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT + Duration::from_secs(5)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// Like `send_raw`, but the head trickles in a byte at a time and never ends: each read
+/// gets data, so only a deadline on the whole head stops it.
+fn send_trickling(port: u16) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT + Duration::from_secs(5)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nx-slow: ")?;
+    let mut writer = stream.try_clone()?;
+    std::thread::spawn(move || {
+        while writer.write_all(b"a").is_ok() && writer.flush().is_ok() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_clients() {
+    let readiness = Readiness::default();
+    readiness.set(true);
+    // The probe stands for the live engine: /health/ready must show what it reads now.
+    let probe: ReadyProbe = Arc::new(|| ReadyState {
+        breakers: vec![("l3".into(), BreakerPosition::Open), ("l2".into(), BreakerPosition::Closed)],
+        wal_bytes: 4096,
+        l2_stale_ids: 7,
+    });
+    let stop = CancellationToken::new();
+    let any_port = "127.0.0.1:0".parse().unwrap();
+    let bound = sync_engine::metrics::serve(any_port, sync_engine::metrics::install(), readiness, probe, stop.clone())
+        .await
+        .expect("endpoint binds");
+    let port = bound.port();
+
+    let ready = http_get(port, "/health/ready").expect("ready answers");
+    assert!(ready.starts_with("HTTP/1.0 200"), "{ready}");
+    assert!(ready.ends_with("ready\ncircuit l3 open\ncircuit l2 closed\nwal_bytes 4096\nl2_stale_ids 7\n"), "{ready}");
+
+    for method in ["POST", "PUT", "DELETE", "HEAD"] {
+        let response = send_raw(port, &format!("{method} /health/ready HTTP/1.0\r\n\r\n")).expect("answered");
+        assert!(response.starts_with("HTTP/1.0 405"), "{method}: {response}");
+        assert!(response.contains("allow: GET"), "{method}: {response}");
+    }
+
+    let started = Instant::now();
+    let silent = send_raw(port, "GET /metrics HTTP/1.0\r\n").expect("a half-sent head is answered and closed");
+    assert!(silent.starts_with("HTTP/1.0 408"), "{silent}");
+    let trickling = send_trickling(port).expect("a trickling head is answered and closed");
+    assert!(trickling.starts_with("HTTP/1.0 408"), "{trickling}");
+    let took = started.elapsed();
+    assert!(took < 2 * REQUEST_TIMEOUT + Duration::from_secs(2), "cut off after {took:?}");
+    assert!(http_get(port, "/health/live").unwrap().starts_with("HTTP/1.0 200"), "still serving");
+    stop.cancel();
 }
