@@ -2,7 +2,9 @@
 //!
 //! Pure: it takes our own `RawRecord` (the Kafka module converts rdkafka's message at its
 //! edge) and returns either the item with its options, or the dead-letter reason. A malformed
-//! known header is always a dead-letter, never a silent default; unknown headers are ignored.
+//! known header is always a dead-letter, never a silent default: that includes a known header
+//! given twice (which one the producer meant is a guess) and one with surrounding whitespace
+//! (the contract's values are exact). Unknown headers are ignored.
 
 use std::sync::Arc;
 
@@ -44,9 +46,9 @@ impl RawRecord {
         Origin { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
     }
 
-    /// The last value of a header, if present.
-    fn header(&self, name: &str) -> Option<&Option<Bytes>> {
-        self.headers.iter().rev().find(|(key, _)| key == name).map(|(_, value)| value)
+    /// Every value of a header, in order.
+    fn header_values<'r>(&'r self, name: &'r str) -> impl Iterator<Item = &'r Option<Bytes>> + 'r {
+        self.headers.iter().filter(move |(key, _)| key == name).map(|(_, value)| value)
     }
 }
 
@@ -163,15 +165,45 @@ fn bad_header(name: &'static str, message: String) -> DeadLetterReason {
     DeadLetterReason::BadHeader { name, message }
 }
 
-/// A known header's value as trimmed UTF-8; a null or non-UTF-8 value is malformed.
+/// A known header's value as UTF-8. Malformed: given more than once, a null value, not
+/// UTF-8, or whitespace around the value.
 fn header_text<'r>(record: &'r RawRecord, name: &'static str) -> Result<Option<&'r str>, DeadLetterReason> {
-    match record.header(name) {
-        None => Ok(None),
-        Some(None) => Err(bad_header(name, "null value".into())),
-        Some(Some(bytes)) => {
-            std::str::from_utf8(bytes).map(|text| Some(text.trim())).map_err(|_| bad_header(name, "not utf-8".into()))
-        }
+    let mut values = record.header_values(name);
+    let value = match values.next() {
+        None => return Ok(None),
+        Some(value) => value,
+    };
+    let repeats = values.count();
+    if repeats > 0 {
+        return Err(bad_header(name, format!("given {} times, expected once", repeats + 1)));
     }
+    let bytes = value.as_ref().ok_or_else(|| bad_header(name, "null value".into()))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| bad_header(name, "not utf-8".into()))?;
+    if text.trim() != text {
+        return Err(bad_header(name, format!("{:?} has surrounding whitespace", truncate(text))));
+    }
+    Ok(Some(text))
+}
+
+/// A record whose `sync-tiers` header names a tier this worker does not have is a dead
+/// letter: it would settle with nothing written where its producer asked. Without the header
+/// the default routing applies (every tier the worker has).
+pub fn require_tiers(record: &RawRecord, requested: Tiers, available: Tiers) -> Result<(), DeadLetterReason> {
+    if record.header_values(HEADER_TIERS).next().is_none() {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        ("l1", requested.l1 && !available.l1),
+        ("l2", requested.l2 && !available.l2),
+        ("l3", requested.l3 && !available.l3),
+    ]
+    .into_iter()
+    .filter_map(|(name, missing)| missing.then_some(name))
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(bad_header(HEADER_TIERS, format!("routes to {}, which this worker does not have", missing.join(" and "))))
 }
 
 fn parse_u64(name: &'static str, text: &str) -> Result<u64, DeadLetterReason> {

@@ -73,6 +73,47 @@ fn bad_input_is_sorted_into_reasons() {
 }
 
 #[test]
+fn a_known_header_given_twice_or_with_surrounding_whitespace_is_a_bad_header() {
+    let cases: Vec<(&[(&str, &[u8])], &str)> = vec![
+        (&[("sync-version", b"5"), ("sync-version", b"5")], "given 2 times"),
+        (&[("sync-op", b"upsert"), ("sync-op", b"delete")], "given 2 times"),
+        (&[("sync-tiers", b"l1"), ("sync-tiers", b"l3"), ("sync-tiers", b"l2")], "given 3 times"),
+        (&[("sync-version", b" 5")], "surrounding whitespace"),
+        (&[("sync-ttl-secs", b"60\n")], "surrounding whitespace"),
+        (&[("sync-op", b"delete ")], "surrounding whitespace"),
+        (&[("sync-content-type", b"\tjson")], "surrounding whitespace"),
+        (&[("sync-tiers", b" l1,l3")], "surrounding whitespace"),
+    ];
+    for (headers, message) in cases {
+        let error = decode(&record(Some(b"k"), Some(b"{}"), headers), LIMITS).unwrap_err();
+        assert_eq!(error.code(), "bad_header", "{headers:?}");
+        assert!(error.to_string().contains(message), "{headers:?}: {error}");
+    }
+    // Unknown headers may repeat, and whitespace inside a list is still fine.
+    let headers: &[(&str, &[u8])] = &[("trace", b"a"), ("trace", b"b"), ("sync-tiers", b"l1, l3")];
+    assert!(decode(&record(Some(b"k"), Some(b"{}"), headers), LIMITS).is_ok());
+}
+
+#[test]
+fn a_tiers_header_naming_a_tier_the_worker_lacks_is_a_bad_header() {
+    let only_l1_l3 = Tiers { l1: true, l2: false, l3: true };
+    let routed = |tiers: &[u8]| record(Some(b"k"), Some(b"{}"), &[("sync-tiers", tiers)]);
+    let check = |input: &RawRecord| {
+        let (_, options) = decode(input, LIMITS).unwrap();
+        require_tiers(input, options.tiers, only_l1_l3)
+    };
+    let error = check(&routed(b"l2")).unwrap_err();
+    assert_eq!(error.code(), "bad_header");
+    assert_eq!(error.to_string(), "bad header sync-tiers: routes to l2, which this worker does not have");
+    assert_eq!(check(&routed(b"l1,l2,l3")).unwrap_err().code(), "bad_header");
+    assert_eq!(check(&routed(b"l1,l3")), Ok(()));
+    assert_eq!(check(&routed(b"l3")), Ok(()));
+    // No header: the default routing (every tier) is the engine's business, not a dead letter.
+    let plain = record(Some(b"k"), Some(b"{}"), &[]);
+    assert_eq!(require_tiers(&plain, Tiers::default(), Tiers { l1: true, l2: false, l3: false }), Ok(()));
+}
+
+#[test]
 fn ids_of_255_bytes_with_sql_metacharacters_and_unicode_are_accepted() {
     let mut id = String::from("'; DROP TABLE x; -- \"é✓");
     while id.len() < 255 {
