@@ -186,3 +186,95 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
     assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
     assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new());
 }
+
+// One record of 16x the item limit is over the dead-letter producer's `message.max.bytes`
+// (the larger of 1 MiB and the limit + 64 KiB), so librdkafka refuses it for good
+// (`MessageSizeTooLarge`). It must be dead-lettered without its value, and its partition
+// must go on. (Tansu itself would take the 1 MiB record: the permanent error is the
+// client's own size check, as with a broker's `message.max.bytes`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_dead_letter_topic_cannot_take_goes_there_without_its_value_and_the_partition_goes_on() {
+    use sync_engine::workload::OutgoingRecord;
+    let names = Names::new("huge");
+    create_topic(&names.topic, 1).await;
+    create_topic(&names.dlq_topic, 1).await;
+    let max_item_bytes = 64 << 10;
+    let mut workload =
+        Workload::new(sync_engine::workload::WorkloadSpec { max_item_bytes, ..spec(&names, 2_000, 500) });
+    let mut records: Vec<_> = workload.by_ref().collect();
+    let huge_value = OutgoingRecord {
+        key: Some(b"huge-value".to_vec()),
+        value: Some(vec![b'x'; 16 * max_item_bytes]),
+        headers: vec![("trace-id".into(), b"abc".to_vec())],
+        poison_reason: Some("oversize"),
+    };
+    records.insert(700, huge_value);
+    // A 2 MiB key (an invalid id) is too large for the dead-letter topic even without a value:
+    // logged, counted and settled all the same.
+    let huge_key = OutgoingRecord {
+        key: Some(vec![b'k'; 2 << 20]),
+        value: Some(b"{}".to_vec()),
+        headers: Vec::new(),
+        poison_reason: Some("invalid_key"),
+    };
+    records.insert(1_400, huge_key);
+    let producer = sync_engine::kafka::producer::ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let ends = sync_engine::kafka::producer::publish_all(&producer, records, 0, || {}).await.unwrap();
+    producer.flush();
+
+    let kafka = sync_engine::config::KafkaConfig { max_item_bytes, ..kafka_config(&names) };
+    let worker = InProcessWorker::start(&names, kafka).await;
+    let committed = wait_for_commits(&names, 1, &ends, Duration::from_secs(60)).await;
+    let dead_lettered = worker.stats.dead_lettered.load(Ordering::Relaxed);
+    let dropped = worker.stats.dead_letters_dropped.load(Ordering::Relaxed);
+    worker.stop().await;
+    assert_eq!(committed, ends.0, "the partition goes on past both records");
+    assert_eq!((dead_lettered, dropped), (1, 1), "one dead-lettered without its value, one dropped");
+    assert_eq!(compare(&workload, &l3_rows(&names).await), Vec::<String>::new());
+
+    let names_now = names.clone();
+    let letters = tokio::task::spawn_blocking(move || read_raw_dead_letters(&names_now, 1)).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let (key, value, headers) = &letters[0];
+    assert_eq!(key.as_deref(), Some(&b"huge-value"[..]));
+    assert!(value.as_ref().is_none_or(|value| value.is_empty()), "the value is left out");
+    let header = |name: &str| headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
+    assert_eq!(header("sync-dlq-value-bytes"), Some((16 * max_item_bytes).to_string().as_str()));
+    assert_eq!(header("trace-id"), Some("abc"), "the record's own headers are kept");
+    assert!(header("sync-dlq-reason").is_some_and(|reason| reason.starts_with("oversize:")));
+    assert_eq!(header("sync-dlq-offset"), Some("700"));
+}
+
+/// Reads `total` dead letters as (key, value, headers).
+#[allow(clippy::type_complexity)]
+fn read_raw_dead_letters(
+    names: &Names,
+    total: usize,
+) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{}-reader", names.group))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&names.dlq_topic]).unwrap();
+    let mut letters = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while letters.len() < total && std::time::Instant::now() < deadline {
+        let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        (header.key.to_owned(), String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        letters.push((message.key().map(<[u8]>::to_vec), message.payload().map(<[u8]>::to_vec), headers));
+    }
+    letters
+}

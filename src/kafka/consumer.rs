@@ -10,8 +10,17 @@
 //!   until the worker has settled what it can of those partitions within the deadline, then
 //!   commits their settled watermark synchronously, and only then returns (invariant 5).
 //!   Lost partitions commit nothing;
-//! - commits the offsets the worker sends, and on stop commits synchronously, leaves the
-//!   group and drops the consumer here, off the async runtime (dropping blocks).
+//! - counts assignment generations (one per assign) and tags every record and rebalance
+//!   event with the generation it belongs to, so the worker can tell a late revoke of an old
+//!   assignment from the partitions' current one;
+//! - after every assign, applies the current pause decision to the whole assignment:
+//!   librdkafka clears only its own pause flag when partitions are unassigned, not the
+//!   application's, so partitions paused before a rebalance come back paused while the thread
+//!   may have "resumed" the empty assignment in between; they would never fetch again;
+//! - commits the offsets the worker sends and reports each successful commit back (an
+//!   offset counts as committed only then); at shutdown it stops fetching, keeps serving
+//!   commands (the final commit) and only leaves the group on `Stop`, dropping the consumer
+//!   here, off the async runtime (dropping blocks).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -29,7 +38,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::decode::RawRecord;
-use crate::kafka::offsets::TopicPartition;
+use crate::kafka::offsets::{Generation, TopicPartition};
 use crate::kafka::worker::WorkerStats;
 use crate::metrics as m;
 use crate::pressure::{Pressure, PressureDecision};
@@ -38,8 +47,16 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// What the consumer thread tells the worker, in consumption order.
 pub enum ConsumerEvent {
-    Record(RawRecord),
-    Assigned(Vec<TopicPartition>),
+    Record {
+        record: RawRecord,
+        generation: Generation,
+    },
+    Assigned {
+        partitions: Vec<TopicPartition>,
+        generation: Generation,
+    },
+    /// The broker confirmed these offsets as committed.
+    Committed(Vec<(TopicPartition, i64)>),
 }
 
 /// Partitions going away. These travel on their own channel so they overtake the records
@@ -47,9 +64,23 @@ pub enum ConsumerEvent {
 /// working through them while the rebalance waits.
 pub enum RebalanceEvent {
     /// Settle these partitions and reply with their committable offsets before the deadline.
-    Revoked { partitions: Vec<TopicPartition>, reply: std_mpsc::SyncSender<Vec<(TopicPartition, i64)>> },
+    Revoked {
+        partitions: Vec<TopicPartition>,
+        generation: Generation,
+        reply: std_mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
+    },
     /// Partitions taken away without a chance to commit: forget them.
-    Lost(Vec<TopicPartition>),
+    Lost { partitions: Vec<TopicPartition>, generation: Generation },
+}
+
+impl RebalanceEvent {
+    /// The partitions going away and the assignment generation they are leaving.
+    pub fn partitions(&self) -> (&[TopicPartition], Generation) {
+        match self {
+            RebalanceEvent::Revoked { partitions, generation, .. }
+            | RebalanceEvent::Lost { partitions, generation } => (partitions, *generation),
+        }
+    }
 }
 
 /// What the worker tells the consumer thread.
@@ -59,6 +90,7 @@ pub enum ConsumerCommand {
         sync: bool,
     },
     /// Pause everything and drop further records (they stay uncommitted): shutdown begins.
+    /// Commands are still served after it, so the final commit still reaches the broker.
     StopFetching,
     /// Leave the group and end the thread.
     Stop,
@@ -72,6 +104,8 @@ struct WorkerContext {
     closing: AtomicBool,
     /// Set after an assignment: the pause state must be re-applied to new partitions.
     assigned: AtomicBool,
+    /// The current assignment generation, incremented on every assign.
+    generation: AtomicU64,
 }
 
 impl ClientContext for WorkerContext {
@@ -89,21 +123,33 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// Offsets count as committed only once the broker confirms them (async commits).
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => report_committed(&self.events_tx, offsets),
+            Err(error) => {
+                metrics::counter!(m::COMMIT_ERRORS).increment(1);
+                tracing::warn!(%error, "offset commit failed, it is retried with the next commit");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         let partitions = partitions_of(list);
         if self.closing.load(Ordering::SeqCst) || partitions.is_empty() {
             return;
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         if consumer.assignment_lost() {
             metrics::counter!(m::REBALANCES, "kind" => "lost").increment(1);
             tracing::warn!(partitions = partitions.len(), "partitions lost, committing nothing for them");
-            let _ = self.rebalance_tx.send(RebalanceEvent::Lost(partitions));
+            let _ = self.rebalance_tx.send(RebalanceEvent::Lost { partitions, generation });
             return;
         }
         metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
         let (reply_tx, reply_rx) = std_mpsc::sync_channel(1);
-        if self.rebalance_tx.send(RebalanceEvent::Revoked { partitions, reply: reply_tx }).is_err() {
+        if self.rebalance_tx.send(RebalanceEvent::Revoked { partitions, generation, reply: reply_tx }).is_err() {
             return;
         }
         // The worker answers within its deadline; the margin covers its final bookkeeping.
@@ -124,8 +170,10 @@ impl ConsumerContext for WorkerContext {
                 let assigned = consumer.assignment().map(|list| partitions_of(&list)).unwrap_or_default();
                 metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
                 tracing::info!(partitions = assigned.len(), "partitions assigned");
+                // Records polled from here on belong to the new generation.
+                let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 self.assigned.store(true, Ordering::SeqCst);
-                let _ = self.events_tx.send(ConsumerEvent::Assigned(assigned));
+                let _ = self.events_tx.send(ConsumerEvent::Assigned { partitions: assigned, generation });
             }
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
             Rebalance::Revoke(_) => {}
@@ -155,6 +203,7 @@ pub fn start(
         revoke_deadline: kafka.revoke_deadline,
         closing: AtomicBool::new(false),
         assigned: AtomicBool::new(false),
+        generation: AtomicU64::new(0),
     };
     let consumer: BaseConsumer<WorkerContext> = super::client::consumer_config(kafka).create_with_context(context)?;
     let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
@@ -204,14 +253,8 @@ impl PollLoop {
                 Some(Ok(message)) if self.fetching => {
                     let topic = intern(&mut self.topics, message.topic());
                     let record = to_raw_record(&message, topic);
-                    let in_flight = self.bytes_in_flight.fetch_add(record.size_bytes() as u64, Ordering::SeqCst);
-                    self.stats
-                        .peak_bytes_in_flight
-                        .fetch_max(in_flight + record.size_bytes() as u64, Ordering::Relaxed);
-                    metrics::counter!(m::RECORDS_CONSUMED, "topic" => message.topic().to_owned()).increment(1);
-                    if self.events_tx.send(ConsumerEvent::Record(record)).is_err() {
-                        break;
-                    }
+                    drop(message); // it borrows the consumer
+                    self.hand_over(record);
                 }
                 Some(Ok(_)) => {} // shutting down: left uncommitted, redelivered later
                 Some(Err(error)) => tracing::warn!(%error, "kafka consumer error"),
@@ -224,17 +267,31 @@ impl PollLoop {
         // Dropping the consumer here (not on the runtime) leaves the group; it may block.
     }
 
+    /// Counts the record's bytes and sends it to the worker, tagged with its generation.
+    fn hand_over(&self, record: RawRecord) {
+        let size = record.size_bytes() as u64;
+        let in_flight = self.bytes_in_flight.fetch_add(size, Ordering::SeqCst);
+        self.stats.peak_bytes_in_flight.fetch_max(in_flight + size, Ordering::Relaxed);
+        metrics::counter!(m::RECORDS_CONSUMED, "topic" => record.topic.to_string()).increment(1);
+        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        if self.events_tx.send(ConsumerEvent::Record { record, generation }).is_err() {
+            // The worker stopped listening (shutdown): drop the record, it stays uncommitted.
+            // The thread goes on serving commands: the final commit and `Stop` still come.
+            self.bytes_in_flight.fetch_sub(size, Ordering::SeqCst);
+        }
+    }
+
     /// Returns false when the thread must stop.
     fn handle_commands(&mut self) -> bool {
-        while let Ok(command) = self.commands_rx.try_recv() {
+        loop {
+            let command = match self.commands_rx.try_recv() {
+                Ok(command) => command,
+                Err(std_mpsc::TryRecvError::Empty) => return true,
+                // The worker is gone without saying `Stop`: leave the group all the same.
+                Err(std_mpsc::TryRecvError::Disconnected) => return false,
+            };
             match command {
-                ConsumerCommand::Commit { offsets, sync } => {
-                    let mode = if sync { CommitMode::Sync } else { CommitMode::Async };
-                    if let Err(error) = commit(&self.consumer, &offsets, mode) {
-                        metrics::counter!(m::COMMIT_ERRORS).increment(1);
-                        tracing::warn!(%error, "offset commit failed");
-                    }
-                }
+                ConsumerCommand::Commit { offsets, sync } => self.commit(offsets, sync),
                 ConsumerCommand::StopFetching => {
                     self.fetching = false;
                     self.consumer.context().closing.store(true, Ordering::SeqCst);
@@ -243,20 +300,39 @@ impl PollLoop {
                 ConsumerCommand::Stop => return false,
             }
         }
-        true
+    }
+
+    /// Async commits are confirmed by `commit_callback`; a sync one is confirmed here.
+    fn commit(&mut self, offsets: Vec<(TopicPartition, i64)>, sync: bool) {
+        let mode = if sync { CommitMode::Sync } else { CommitMode::Async };
+        match commit(&self.consumer, &offsets, mode) {
+            Ok(()) if sync => {
+                let _ = self.consumer.context().events_tx.send(ConsumerEvent::Committed(offsets));
+            }
+            Ok(()) => {}
+            Err(error) => {
+                metrics::counter!(m::COMMIT_ERRORS).increment(1);
+                tracing::warn!(%error, "offset commit failed, it is retried with the next commit");
+            }
+        }
     }
 
     fn apply_pressure(&mut self) {
+        let in_flight = self.bytes_in_flight.load(Ordering::SeqCst);
+        metrics::gauge!(m::BYTES_IN_FLIGHT).set(in_flight as f64);
+        if self.consumer.context().assigned.swap(false, Ordering::SeqCst) {
+            // Reassigned partitions may come back with the application's pause flag still set
+            // (librdkafka keeps it): apply the current decision to all of them, explicitly.
+            let pause = !self.fetching || pause_wanted(&self.pressure, in_flight, self.paused);
+            tracing::debug!(in_flight, pause, "new assignment, applying the pause decision to all of it");
+            if !self.set_paused(pause) {
+                self.consumer.context().assigned.store(true, Ordering::SeqCst); // try again next round
+            }
+            return;
+        }
         if !self.fetching {
             return;
         }
-        if self.consumer.context().assigned.swap(false, Ordering::SeqCst) {
-            // An eager rebalance handed out fresh, unpaused partitions.
-            self.paused = false;
-            metrics::gauge!(m::PAUSED_PARTITIONS).set(0.0);
-        }
-        let in_flight = self.bytes_in_flight.load(Ordering::SeqCst);
-        metrics::gauge!(m::BYTES_IN_FLIGHT).set(in_flight as f64);
         match self.pressure.decide(in_flight, self.paused) {
             PressureDecision::Pause => {
                 metrics::counter!(m::PAUSES).increment(1);
@@ -276,17 +352,37 @@ impl PollLoop {
         }
     }
 
-    fn set_paused(&mut self, paused: bool) {
-        let Ok(assignment) = self.consumer.assignment() else { return };
+    /// Pauses or resumes the whole assignment; returns whether it worked.
+    fn set_paused(&mut self, paused: bool) -> bool {
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(error) => {
+                tracing::warn!(%error, paused, "cannot read the assignment to pause/resume it");
+                return false;
+            }
+        };
         let result = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
         match result {
             Ok(()) => {
                 self.paused = paused;
                 let count = if paused { assignment.count() } else { 0 };
                 metrics::gauge!(m::PAUSED_PARTITIONS).set(count as f64);
+                true
             }
-            Err(error) => tracing::warn!(%error, paused, "pause/resume failed"),
+            Err(error) => {
+                tracing::warn!(%error, paused, "pause/resume failed");
+                false
+            }
         }
+    }
+}
+
+/// Whether the partitions should be paused now, given the state before the rebalance.
+fn pause_wanted(pressure: &Pressure, in_flight: u64, paused: bool) -> bool {
+    match pressure.decide(in_flight, paused) {
+        PressureDecision::Pause => true,
+        PressureDecision::Resume => false,
+        PressureDecision::Stay => paused,
     }
 }
 
@@ -302,6 +398,23 @@ fn commit(
     consumer.commit(&list, mode)?;
     metrics::counter!(m::OFFSETS_COMMITTED).increment(1);
     Ok(())
+}
+
+/// Sends the offsets of a successful commit to the worker (partitions with an error are left
+/// out: they are offered again with the next commit).
+fn report_committed(events_tx: &mpsc::UnboundedSender<ConsumerEvent>, list: &TopicPartitionList) {
+    let committed: Vec<(TopicPartition, i64)> = list
+        .elements()
+        .iter()
+        .filter(|element| element.error().is_ok())
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(offset) => Some(((Arc::from(element.topic()), element.partition()), offset)),
+            _ => None,
+        })
+        .collect();
+    if !committed.is_empty() {
+        let _ = events_tx.send(ConsumerEvent::Committed(committed));
+    }
 }
 
 /// One shared `Arc<str>` per topic name instead of an allocation per record.

@@ -4,9 +4,20 @@
 //! were consumed, and which have settled. The committable offset is the highest contiguous
 //! settled offset + 1: nothing at or below it is still unsettled. Offsets may have gaps
 //! (compaction, transaction markers); only the order matters.
+//!
+//! Each partition's state belongs to one assignment generation (counted by the consumer
+//! thread, one per assign). A rebalance event handled late must only forget state of its own
+//! or older generations: the partition may already be assigned back to this worker, and the
+//! newer state must survive, or its records would be skipped by the next commit.
+//!
+//! An offset counts as committed only once the consumer thread reports a successful commit
+//! (`confirm`); until then every commit round offers it again, so a failed commit is retried.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+
+/// Assignment generation: incremented by the consumer thread on every assign.
+pub type Generation = u64;
 
 #[derive(Debug, Default)]
 pub struct PartitionOffsets {
@@ -14,8 +25,8 @@ pub struct PartitionOffsets {
     pending: VecDeque<(i64, bool)>,
     /// Next offset to commit (last contiguous settled + 1).
     committable: Option<i64>,
-    /// What was last handed out for committing.
-    committed: Option<i64>,
+    /// The highest offset the broker confirmed as committed.
+    confirmed: Option<i64>,
 }
 
 impl PartitionOffsets {
@@ -45,13 +56,18 @@ impl PartitionOffsets {
         self.committable
     }
 
-    /// The committable offset if it moved since the last call.
-    pub fn take_commit(&mut self) -> Option<i64> {
-        if self.committable != self.committed {
-            self.committed = self.committable;
-            return self.committable;
+    /// The committable offset if the broker has not confirmed it yet. It is not marked as
+    /// committed here: only `confirm` does that, so a lost or failed commit is offered again.
+    pub fn commit_due(&self) -> Option<i64> {
+        match (self.committable, self.confirmed) {
+            (Some(next), Some(confirmed)) if next <= confirmed => None,
+            (next, _) => next,
         }
-        None
+    }
+
+    /// The broker confirmed `offset` as committed (confirmations may arrive out of order).
+    pub fn confirm(&mut self, offset: i64) {
+        self.confirmed = Some(self.confirmed.map_or(offset, |confirmed| confirmed.max(offset)));
     }
 
     pub fn unsettled(&self) -> usize {
@@ -61,45 +77,100 @@ impl PartitionOffsets {
 
 pub type TopicPartition = (Arc<str>, i32);
 
+/// One partition's offsets within one assignment generation.
+#[derive(Debug, Default)]
+struct Tracked {
+    generation: Generation,
+    offsets: PartitionOffsets,
+}
+
 /// Offsets of every assigned partition.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<TopicPartition, PartitionOffsets>,
+    partitions: HashMap<TopicPartition, Tracked>,
 }
 
 impl OffsetTracker {
-    pub fn track(&mut self, topic: &Arc<str>, partition: i32, offset: i64) -> bool {
-        self.partitions.entry((topic.clone(), partition)).or_default().track(offset)
+    /// Tracks a record consumed in `generation`. Returns false if it must not be processed:
+    /// a redelivery below the watermark, or a record of an assignment older than the one
+    /// tracked. A record of a newer assignment replaces the older state: that assignment is
+    /// over, whatever was pending in it is redelivered from the committed offset.
+    pub fn track(&mut self, topic: &Arc<str>, partition: i32, offset: i64, generation: Generation) -> bool {
+        let tracked = self
+            .partitions
+            .entry((topic.clone(), partition))
+            .or_insert_with(|| Tracked { generation, offsets: PartitionOffsets::default() });
+        if generation < tracked.generation {
+            return false;
+        }
+        if generation > tracked.generation {
+            *tracked = Tracked { generation, offsets: PartitionOffsets::default() };
+        }
+        tracked.offsets.track(offset)
     }
 
-    /// Settles an offset; a partition no longer tracked (revoked) is ignored.
-    pub fn settle(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
-        if let Some(offsets) = self.partitions.get_mut(&(topic.clone(), partition)) {
-            offsets.settle(offset);
+    /// Settles an offset; a partition no longer tracked, or tracked for another assignment
+    /// generation, is ignored.
+    pub fn settle(&mut self, topic: &Arc<str>, partition: i32, offset: i64, generation: Generation) {
+        if let Some(tracked) = self.partitions.get_mut(&(topic.clone(), partition)) {
+            if tracked.generation == generation {
+                tracked.offsets.settle(offset);
+            }
         }
     }
 
-    /// Every partition whose watermark moved since its last commit.
-    pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+    /// Every partition whose committable offset the broker has not confirmed yet.
+    pub fn commits_due(&self) -> Vec<(TopicPartition, i64)> {
         self.partitions
-            .iter_mut()
-            .filter_map(|(tp, offsets)| offsets.take_commit().map(|offset| (tp.clone(), offset)))
+            .iter()
+            .filter_map(|(tp, tracked)| tracked.offsets.commit_due().map(|offset| (tp.clone(), offset)))
             .collect()
     }
 
-    pub fn unsettled_in(&self, partitions: &[TopicPartition]) -> usize {
-        partitions.iter().filter_map(|tp| self.partitions.get(tp)).map(PartitionOffsets::unsettled).sum()
+    /// Every partition's committable offset, confirmed or not (the final commit).
+    pub fn all_committable(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(tp, tracked)| tracked.offsets.committable().map(|offset| (tp.clone(), offset)))
+            .collect()
     }
 
-    /// Stops tracking partitions; returns their final committable offsets.
-    pub fn remove(&mut self, partitions: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+    /// The consumer thread reports committed offsets; partitions not tracked are ignored.
+    pub fn confirm(&mut self, committed: &[(TopicPartition, i64)]) {
+        for (tp, offset) in committed {
+            if let Some(tracked) = self.partitions.get_mut(tp) {
+                tracked.offsets.confirm(*offset);
+            }
+        }
+    }
+
+    /// Unsettled records of these partitions in `generation` or older.
+    pub fn unsettled_in(&self, partitions: &[TopicPartition], generation: Generation) -> usize {
         partitions
             .iter()
-            .filter_map(|tp| {
-                let mut offsets = self.partitions.remove(tp)?;
-                offsets.take_commit().map(|offset| (tp.clone(), offset))
-            })
-            .collect()
+            .filter_map(|tp| self.partitions.get(tp))
+            .filter(|tracked| tracked.generation <= generation)
+            .map(|tracked| tracked.offsets.unsettled())
+            .sum()
+    }
+
+    /// Whether this partition is tracked for an assignment newer than `generation`.
+    pub fn tracked_after(&self, tp: &TopicPartition, generation: Generation) -> bool {
+        self.partitions.get(tp).is_some_and(|tracked| tracked.generation > generation)
+    }
+
+    /// Stops tracking these partitions if their state is of `generation` or older; returns
+    /// the committable offset of each removed one, whether or not it was committed before
+    /// (a revoke must commit every revoked partition, even if a timer commit is in flight).
+    pub fn remove(&mut self, partitions: &[TopicPartition], generation: Generation) -> Vec<(TopicPartition, i64)> {
+        let mut removed = Vec::new();
+        for tp in partitions {
+            if self.partitions.get(tp).is_some_and(|tracked| tracked.generation <= generation) {
+                let tracked = self.partitions.remove(tp).expect("checked above");
+                removed.extend(tracked.offsets.committable().map(|offset| (tp.clone(), offset)));
+            }
+        }
+        removed
     }
 }
 
@@ -119,8 +190,9 @@ mod tests {
         assert_eq!(offsets.committable(), None);
         offsets.settle(5);
         assert_eq!(offsets.committable(), Some(9));
-        assert_eq!(offsets.take_commit(), Some(9));
-        assert_eq!(offsets.take_commit(), None);
+        assert_eq!(offsets.commit_due(), Some(9));
+        offsets.confirm(9);
+        assert_eq!(offsets.commit_due(), None);
     }
 
     #[test]
@@ -137,13 +209,69 @@ mod tests {
     fn a_revoked_partition_returns_its_settled_watermark_and_forgets_the_rest() {
         let topic: Arc<str> = Arc::from("t");
         let mut tracker = OffsetTracker::default();
-        tracker.track(&topic, 0, 0);
-        tracker.track(&topic, 0, 1);
-        tracker.settle(&topic, 0, 0);
-        assert_eq!(tracker.unsettled_in(&[(topic.clone(), 0)]), 1);
-        assert_eq!(tracker.remove(&[(topic.clone(), 0)]), vec![((topic.clone(), 0), 1)]);
-        tracker.settle(&topic, 0, 1);
-        assert!(tracker.take_commits().is_empty());
+        tracker.track(&topic, 0, 0, 1);
+        tracker.track(&topic, 0, 1, 1);
+        tracker.settle(&topic, 0, 0, 1);
+        assert_eq!(tracker.unsettled_in(&[(topic.clone(), 0)], 1), 1);
+        assert_eq!(tracker.remove(&[(topic.clone(), 0)], 1), vec![((topic.clone(), 0), 1)]);
+        tracker.settle(&topic, 0, 1, 1);
+        assert!(tracker.commits_due().is_empty());
+    }
+
+    #[test]
+    fn a_commit_not_confirmed_is_offered_again_and_a_confirmed_one_is_not() {
+        let topic: Arc<str> = Arc::from("t");
+        let mut tracker = OffsetTracker::default();
+        tracker.track(&topic, 0, 0, 1);
+        tracker.settle(&topic, 0, 0, 1);
+        let due = vec![((topic.clone(), 0), 1)];
+        assert_eq!(tracker.commits_due(), due);
+        // The commit failed (no confirmation): the next round offers it again.
+        assert_eq!(tracker.commits_due(), due);
+        tracker.confirm(&due);
+        assert!(tracker.commits_due().is_empty());
+        // A late confirmation of an older offset does not hide a newer one.
+        tracker.track(&topic, 0, 1, 1);
+        tracker.settle(&topic, 0, 1, 1);
+        tracker.confirm(&[((topic.clone(), 0), 1)]);
+        assert_eq!(tracker.commits_due(), vec![((topic.clone(), 0), 2)]);
+    }
+
+    #[test]
+    fn a_revoke_returns_every_committable_offset_even_if_a_timer_commit_took_it() {
+        let topic: Arc<str> = Arc::from("t");
+        let mut tracker = OffsetTracker::default();
+        tracker.track(&topic, 0, 0, 1);
+        tracker.settle(&topic, 0, 0, 1);
+        // A timer commit was handed to the consumer thread but is still queued behind the revoke.
+        assert_eq!(tracker.commits_due().len(), 1);
+        assert_eq!(tracker.remove(&[(topic.clone(), 0)], 1), vec![((topic.clone(), 0), 1)]);
+        // Even once confirmed, the revoke's synchronous commit still gets the partition.
+        tracker.track(&topic, 0, 1, 2);
+        tracker.settle(&topic, 0, 1, 2);
+        tracker.confirm(&[((topic.clone(), 0), 2)]);
+        assert_eq!(tracker.remove(&[(topic.clone(), 0)], 2), vec![((topic.clone(), 0), 2)]);
+    }
+
+    #[test]
+    fn a_late_rebalance_of_an_older_generation_keeps_the_newer_assignment() {
+        let topic: Arc<str> = Arc::from("t");
+        let tp = (topic.clone(), 0);
+        let mut tracker = OffsetTracker::default();
+        tracker.track(&topic, 0, 10, 1);
+        // Reassigned (generation 2) before the revoke of generation 1 was handled: the
+        // partition restarts from its committed offset.
+        assert!(tracker.track(&topic, 0, 5, 2));
+        assert!(tracker.track(&topic, 0, 6, 2));
+        // A record of generation 1 still in flight neither tracks nor settles anything.
+        assert!(!tracker.track(&topic, 0, 11, 1));
+        tracker.settle(&topic, 0, 10, 1);
+        assert_eq!(tracker.unsettled_in(std::slice::from_ref(&tp), 1), 0);
+        assert!(tracker.remove(std::slice::from_ref(&tp), 1).is_empty());
+        assert!(tracker.tracked_after(&tp, 1));
+        tracker.settle(&topic, 0, 5, 2);
+        tracker.settle(&topic, 0, 6, 2);
+        assert_eq!(tracker.commits_due(), vec![(tp, 7)]);
     }
 
     proptest! {
