@@ -120,6 +120,17 @@ pub struct LateRejection {
     pub reason: String,
 }
 
+/// What `/health/ready` shows of the engine's backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendState {
+    /// Circuit breaker per backend (`l3`, `l2`).
+    pub breakers: Vec<(&'static str, crate::resilience::circuit_breaker::BreakerState)>,
+    /// Bytes in the write-ahead log, waiting to drain into L3.
+    pub wal_bytes: u64,
+    /// Ids whose L2 write failed, waiting for repair from L3.
+    pub l2_stale_ids: u64,
+}
+
 /// The tiers, the L3 write-ahead log, L2 repair and the circuit breakers.
 pub(crate) struct Stores {
     /// L1, so that flushes and the WAL drain can drop entries L3 refused.
@@ -234,6 +245,21 @@ impl SyncEngine {
             l2: stores.is_some_and(|stores| stores.l2.is_some()),
             l3: stores.is_some_and(|stores| stores.l3.is_some()),
         }
+    }
+
+    /// The live state of the backends, read directly (for `/health/ready`): breakers of the
+    /// tiers this engine has, WAL bytes and ids waiting for L2 repair.
+    pub fn backend_state(&self) -> BackendState {
+        let Some(stores) = self.stores.as_deref() else { return BackendState::default() };
+        let mut breakers = Vec::new();
+        if stores.l3.is_some() {
+            breakers.push(("l3", stores.l3_breaker.state()));
+        }
+        if stores.l2.is_some() {
+            breakers.push(("l2", stores.l2_breaker.state()));
+        }
+        let wal_bytes = stores.wal.as_ref().map_or(0, |wal| wal.lock().map(|log| log.total_bytes()).unwrap_or(0));
+        BackendState { breakers, wal_bytes, l2_stale_ids: stores.l2_dirty.len() as u64 }
     }
 
     /// Items L3 rejected while the write-ahead log drained (once; `None` after the first

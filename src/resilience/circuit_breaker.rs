@@ -87,6 +87,14 @@ impl SharedBreaker {
         self.inner.lock().map(|mut breaker| breaker.allow(Instant::now())).unwrap_or(true)
     }
 
+    /// The current state, for health checks.
+    pub fn state(&self) -> BreakerState {
+        match self.inner.lock() {
+            Ok(breaker) => breaker.state(),
+            Err(poisoned) => poisoned.into_inner().state(),
+        }
+    }
+
     pub fn record(&self, success: bool) {
         if let Ok(mut breaker) = self.inner.lock() {
             if success {
