@@ -199,6 +199,24 @@ where
     row.try_get(name).map_err(classify)
 }
 
+/// The origin of the row's last write (`origin_topic`, `_partition`, `_offset`), if any.
+fn origin_from_row<'r, R>(row: &'r R) -> Result<Option<Origin>, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let topic: Option<String> = column(row, "origin_topic")?;
+    let partition: Option<i32> = column(row, "origin_partition")?;
+    let offset: Option<i64> = column(row, "origin_offset")?;
+    Ok(match (topic, partition, offset) {
+        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
+        _ => None,
+    })
+}
+
 /// An item from a `SELECT id, content, content_type, origin_*` row; the version is decoded by
 /// the caller (MySQL stores it unsigned, SQLite signed).
 pub fn item_from_row<'r, R>(row: &'r R, version: u64) -> Result<SyncItem, StoreError>
@@ -213,13 +231,7 @@ where
     let id: Vec<u8> = column(row, "id")?;
     let content: Option<Vec<u8>> = column(row, "content")?;
     let content_type: String = column(row, "content_type")?;
-    let topic: Option<String> = column(row, "origin_topic")?;
-    let partition: Option<i32> = column(row, "origin_partition")?;
-    let offset: Option<i64> = column(row, "origin_offset")?;
-    let origin = match (topic, partition, offset) {
-        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
-        _ => None,
-    };
+    let origin = origin_from_row(row)?;
     Ok(SyncItem {
         id: String::from_utf8_lossy(&id).into_owned(),
         version,
@@ -251,13 +263,7 @@ where
 {
     let id: Vec<u8> = column(row, "id")?;
     let hash: Vec<u8> = column(row, "content_hash")?;
-    let topic: Option<String> = column(row, "origin_topic")?;
-    let partition: Option<i32> = column(row, "origin_partition")?;
-    let offset: Option<i64> = column(row, "origin_offset")?;
-    let origin = match (topic, partition, offset) {
-        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
-        _ => None,
-    };
+    let origin = origin_from_row(row)?;
     let held = HeldRow {
         version,
         origin,
