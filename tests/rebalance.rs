@@ -81,7 +81,8 @@ async fn a_worker_paused_at_a_revoke_resumes_the_partitions_it_gets_back() {
 async fn a_worker_stopped_under_load_commits_exactly_what_it_settled() {
     let names = Names::new("stopload");
     create_topic(&names.topic, PARTITIONS).await;
-    let mut workload = Workload::new(WorkloadSpec { duplicate_share: 0.0, ..spec(&names, 100_000, 25_000) });
+    let mut workload =
+        Workload::new(WorkloadSpec { duplicate_share: 0.0, item_bytes: 1024, ..spec(&names, 100_000, 25_000) });
     let ends = produce(&names, &mut workload).await;
     let total: i64 = ends.0.values().sum();
     // No timer commit before the stop: whatever is committed comes from the final commit.
@@ -102,6 +103,7 @@ async fn a_worker_stopped_under_load_commits_exactly_what_it_settled() {
     let names_now = names.clone();
     let committed = tokio::task::spawn_blocking(move || committed(&names_now, PARTITIONS)).await.unwrap();
     let committed_total: i64 = committed.values().sum();
+    eprintln!("stopped with {stored} stored and {consumed} consumed of {total}; committed {committed_total}");
     assert!(stored < total, "the stop must land mid-backlog: {stored} stored, {consumed} consumed of {total}");
     assert_eq!(
         committed_total, stored,
