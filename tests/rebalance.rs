@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use sync_engine::demo::compare;
 use sync_engine::workload::{Workload, WorkloadSpec};
 
 const PARTITIONS: i32 = 4;

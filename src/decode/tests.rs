@@ -74,7 +74,8 @@ fn bad_input_is_sorted_into_reasons() {
 
 #[test]
 fn a_known_header_given_twice_or_with_surrounding_whitespace_is_a_bad_header() {
-    let cases: Vec<(&[(&str, &[u8])], &str)> = vec![
+    type Headers<'h> = &'h [(&'h str, &'h [u8])];
+    let cases: Vec<(Headers, &str)> = vec![
         (&[("sync-version", b"5"), ("sync-version", b"5")], "given 2 times"),
         (&[("sync-op", b"upsert"), ("sync-op", b"delete")], "given 2 times"),
         (&[("sync-tiers", b"l1"), ("sync-tiers", b"l3"), ("sync-tiers", b"l2")], "given 3 times"),
