@@ -4,14 +4,14 @@
 //! `produce` (the load generator), `offsets` (a group's committed offsets), `ceiling` (the raw MariaDB ceiling for the benchmark).
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::{Parser, Subcommand};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use sync_engine::config::{Config, LogFormat};
+use sync_engine::engine::BackendState;
 use sync_engine::kafka::worker::{self, WorkerStats};
 use sync_engine::{demo, metrics, produce, SyncEngine};
 
@@ -85,12 +85,15 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
     let handle = metrics::install();
     let readiness = metrics::Readiness::default();
-    let probe = ready_probe(handle.clone());
+    // The endpoint answers /health/live while the engine connects; the probe sees it later.
+    let started_engine = Arc::new(OnceLock::new());
+    let probe = ready_probe(started_engine.clone());
     let bound = metrics::serve(config.metrics_addr, handle, readiness.clone(), probe, stop.child_token()).await?;
     tracing::info!(%bound, "metrics and health endpoint listening");
     let mut engine = SyncEngine::new(config.engine.clone(), watch::channel(config.engine.clone()).1);
     engine.start().await?;
     let engine = Arc::new(engine);
+    let _ = started_engine.set(engine.clone());
     tokio::spawn(stop_on_signal(stop.clone()));
     readiness.set(true);
     let result = worker::run(
@@ -107,38 +110,18 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-/// The backend state for `/health/ready`.
-///
-/// A stand-in: it reads back the gauges the breakers, the WAL and L2 repair set, because the
-/// engine does not expose their state yet. Once `SyncEngine::ready_state()` (L3 and L2
-/// breakers, WAL bytes, stale L2 ids) and the worker's dead-letter breaker state exist, the
-/// probe calls those instead and this parser goes.
-fn ready_probe(handle: PrometheusHandle) -> metrics::ReadyProbe {
-    Arc::new(move || ready_state_from_gauges(&handle.render()))
+/// The backend state for `/health/ready`, read directly from the engine once it runs (until
+/// then there is nothing to report, and the worker is not ready either). The dead-letter
+/// breaker lives inside the worker loop: it shows in `/metrics` only.
+fn ready_probe(engine: Arc<OnceLock<Arc<SyncEngine>>>) -> metrics::ReadyProbe {
+    Arc::new(move || engine.get().map(|engine| ready_state(&engine.backend_state())).unwrap_or_default())
 }
 
-fn ready_state_from_gauges(exposition: &str) -> metrics::ReadyState {
-    let mut state = metrics::ReadyState::default();
-    for (name, value) in exposition.lines().filter_map(|line| line.rsplit_once(' ')) {
-        let value: f64 = value.parse().unwrap_or(0.0);
-        if let Some(labels) = name.strip_prefix(metrics::CIRCUIT_STATE) {
-            let backend = labels.trim_start_matches("{backend=\"").trim_end_matches("\"}").to_owned();
-            state.breakers.push((backend, breaker_position(value)));
-        } else if name == metrics::WAL_BYTES {
-            state.wal_bytes = value as u64;
-        } else if name == metrics::L2_STALE_IDS {
-            state.l2_stale_ids = value as u64;
-        }
-    }
-    state
-}
-
-/// The `sync_circuit_state` gauge: 0 closed, 1 open, 2 half-open.
-fn breaker_position(gauge: f64) -> metrics::BreakerPosition {
-    match gauge as u8 {
-        1 => metrics::BreakerPosition::Open,
-        2 => metrics::BreakerPosition::HalfOpen,
-        _ => metrics::BreakerPosition::Closed,
+fn ready_state(backends: &BackendState) -> metrics::ReadyState {
+    metrics::ReadyState {
+        breakers: backends.breakers.iter().map(|(backend, state)| (backend.to_string(), (*state).into())).collect(),
+        wal_bytes: backends.wal_bytes,
+        l2_stale_ids: backends.l2_stale_ids,
     }
 }
 
@@ -176,30 +159,4 @@ async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<ExitCode> {
     let ok = summary.mismatches.is_empty() && summary.dead_lettered == summary.poison_produced;
     println!("{}", if ok { "PASS: every id holds its newest version" } else { "FAIL" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_stand_in_probe_reads_breakers_wal_bytes_and_stale_ids_from_the_gauges() {
-        let exposition = "# HELP sync_circuit_state Circuit breaker state by backend: 0 closed, 1 open, 2 half-open\n\
-            # TYPE sync_circuit_state gauge\n\
-            sync_circuit_state{backend=\"l3\"} 1\n\
-            sync_circuit_state{backend=\"dlq\"} 2\n\
-            # TYPE sync_wal_bytes gauge\n\
-            sync_wal_bytes 4096\n\
-            sync_l2_stale_ids 7\n\
-            sync_wal_bytes_total_other 9\n";
-        let state = ready_state_from_gauges(exposition);
-        assert_eq!(
-            state.breakers,
-            vec![
-                ("l3".to_owned(), metrics::BreakerPosition::Open),
-                ("dlq".to_owned(), metrics::BreakerPosition::HalfOpen)
-            ]
-        );
-        assert_eq!((state.wal_bytes, state.l2_stale_ids), (4096, 7));
-    }
 }

@@ -55,6 +55,10 @@ async fn a_worker_killed_mid_stream_loses_nothing_after_restart_and_sigterm_exit
     let mut worker = spawn_worker(&names, port, &[]);
     let ready = wait_ready(port, Duration::from_secs(30)).await;
     assert!(ready, "the restarted worker reports ready");
+    let backends = http_get(port, "/health/ready").unwrap_or_default();
+    for line in ["circuit l3 ", "circuit l2 ", "wal_bytes ", "l2_stale_ids "] {
+        assert!(backends.contains(line), "/health/ready reads the engine's backends, lacks {line:?}: {backends}");
+    }
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(120)).await;
     assert_eq!(committed, ends.0, "after the restart every offset is committed");
 
