@@ -177,7 +177,7 @@ pub async fn run(
     tracing::info!("stopping: draining in-flight items");
     let deadline = Instant::now() + grace;
     let settle_by = deadline - FINAL_COMMIT_RESERVE.min(grace / 4);
-    let clean = worker.shut_down(&mut events_rx, &commands_tx, settle_by, deadline).await;
+    let clean = worker.shut_down(&mut events_rx, &mut rebalance_rx, &commands_tx, settle_by, deadline).await;
     // Leave the group only now: the final commit above needed the membership.
     let _ = commands_tx.send(ConsumerCommand::Stop);
     worker.dlq.flush(deadline.saturating_duration_since(Instant::now()));
@@ -503,6 +503,7 @@ impl Worker {
     async fn shut_down(
         &mut self,
         events_rx: &mut UnboundedReceiver<ConsumerEvent>,
+        rebalance_rx: &mut UnboundedReceiver<RebalanceEvent>,
         commands_tx: &Sender<ConsumerCommand>,
         settle_by: Instant,
         deadline: Instant,
@@ -518,6 +519,7 @@ impl Worker {
                 _ = &mut flush => {}
                 Some(settled) = self.inflight.next() => self.on_settled(settled),
                 Some(event) = events_rx.recv() => self.on_shutdown_event(event),
+                Some(event) = rebalance_rx.recv() => self.on_shutdown_rebalance(event),
                 _ = tokio::time::sleep_until(settle_by) => break,
             }
         }
@@ -525,8 +527,18 @@ impl Worker {
         if !settled {
             tracing::warn!(unsettled = self.inflight.len(), "grace period ending with unsettled items");
         }
-        let committed = self.final_commit(events_rx, commands_tx, deadline).await;
+        let committed = self.final_commit(events_rx, rebalance_rx, commands_tx, deadline).await;
         settled && committed
+    }
+
+    /// A revoke that arrived before the consumer thread stopped asking: it blocks that thread
+    /// (and so the final commit) until answered. Answered at once with what has settled.
+    fn on_shutdown_rebalance(&mut self, event: RebalanceEvent) {
+        let (partitions, generation) = event.partitions();
+        let offsets = self.tracker.remove(partitions, generation);
+        if let RebalanceEvent::Revoked { reply, .. } = event {
+            let _ = reply.send(offsets);
+        }
     }
 
     /// While shutting down, records are dropped unstarted; commit confirmations still count.
@@ -543,6 +555,7 @@ impl Worker {
     async fn final_commit(
         &mut self,
         events_rx: &mut UnboundedReceiver<ConsumerEvent>,
+        rebalance_rx: &mut UnboundedReceiver<RebalanceEvent>,
         commands_tx: &Sender<ConsumerCommand>,
         deadline: Instant,
     ) -> bool {
@@ -561,6 +574,7 @@ impl Worker {
                     Some(event) => self.on_shutdown_event(event),
                     None => break,
                 },
+                Some(event) = rebalance_rx.recv() => self.on_shutdown_rebalance(event),
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -737,6 +751,7 @@ mod tests {
     async fn shutdown_ends_at_the_grace_deadline_even_with_items_that_cannot_settle() {
         let mut worker = in_memory_worker().await;
         let (_events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (_rebalance_tx, mut rebalance_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands_rx) = std_mpsc::channel();
         worker.on_event(assigned(1)).await;
         let settled = record_event(&worker, 0, 1);
@@ -750,6 +765,7 @@ mod tests {
         let clean = worker
             .shut_down(
                 &mut events_rx,
+                &mut rebalance_rx,
                 &commands_tx,
                 started + Duration::from_millis(300),
                 started + Duration::from_millis(600),
@@ -763,5 +779,57 @@ mod tests {
             Ok(ConsumerCommand::Commit { offsets, sync: true }) => assert_eq!(offsets, vec![(tp(), 1)]),
             _ => panic!("the settled watermark is committed synchronously at shutdown"),
         }
+    }
+
+    // A revoke asked before the consumer thread saw `StopFetching` blocks that thread, and
+    // with it the final commit: shutdown answers it at once with the settled watermark.
+    #[tokio::test]
+    async fn a_revoke_pending_at_shutdown_is_answered_at_once() {
+        let mut worker = in_memory_worker().await;
+        let (_events_tx, mut events_rx) = mpsc::unbounded_channel();
+        let (rebalance_tx, mut rebalance_rx) = mpsc::unbounded_channel();
+        let (commands_tx, _commands_rx) = std_mpsc::channel();
+        worker.on_event(assigned(1)).await;
+        let event = record_event(&worker, 0, 1);
+        worker.on_event(event).await;
+        settle_all(&mut worker).await;
+        let ConsumerEvent::Record { mut record, .. } = record_event(&worker, 1, 1) else { unreachable!() };
+        record.key = None; // a dead letter that never settles keeps the shutdown busy
+        worker.on_record(record, 1).await;
+        let (reply, answer) = std_mpsc::sync_channel(1);
+        rebalance_tx.send(RebalanceEvent::Revoked { partitions: vec![tp()], generation: 1, reply }).unwrap();
+
+        let started = Instant::now();
+        let shutdown = worker.shut_down(
+            &mut events_rx,
+            &mut rebalance_rx,
+            &commands_tx,
+            started + Duration::from_secs(2),
+            started + Duration::from_secs(3),
+        );
+        let waiter = tokio::task::spawn_blocking(move || answer.recv_timeout(Duration::from_secs(1)));
+        let (_, answered) = tokio::join!(shutdown, waiter);
+        assert_eq!(answered.unwrap(), Ok(vec![(tp(), 1)]), "answered within a second, with the settled watermark");
+    }
+
+    #[tokio::test]
+    async fn an_item_l3_rejected_from_the_wal_goes_to_the_dead_letter_topic_with_its_origin() {
+        let mut worker = in_memory_worker().await;
+        let item = SyncItem {
+            origin: Some(crate::item::Origin { topic: Arc::from("items"), partition: 3, offset: 77 }),
+            ..SyncItem::new("an-id", &b"{\"a\":1}"[..])
+        };
+        let record = record_of(&item);
+        assert_eq!((record.topic.as_ref(), record.partition, record.offset), ("items", 3, 77));
+        assert_eq!(record.key.as_deref(), Some(&b"an-id"[..]));
+        assert_eq!(record.value, item.content);
+        let header = |name: &str| record.headers.iter().find(|(key, _)| key == name).and_then(|(_, v)| v.clone());
+        assert_eq!(header("sync-version"), Some(Bytes::from(item.version.to_string())));
+        assert_eq!(header("sync-op"), Some(Bytes::from_static(b"upsert")));
+        assert_eq!(header("sync-content-type"), Some(Bytes::from_static(b"json")));
+        // The dead letter goes out (and stays in flight: no broker here), its bytes counted.
+        worker.on_late_rejection(LateRejection { item, reason: "too large".into() });
+        assert_eq!(worker.inflight.len(), 1);
+        assert_eq!(worker.bytes_in_flight.load(Ordering::SeqCst), record.size_bytes() as u64);
     }
 }
