@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::batching::Batch;
@@ -35,10 +35,11 @@ use crate::storage::redis::L2Op;
 use crate::storage::sql::HeldRows;
 use crate::storage::StoreError;
 
-/// Batches written at once. The stores' version guards make the final state independent of
-/// the order batches land in, so two batches may overlap: while one transaction commits
-/// (an fsync), the next is already executing. Items are sorted by id inside each batch, so
-/// overlapping transactions take row locks in the same order.
+/// Batches written to L3 at once, and batches updating the caches at once. The stores'
+/// version guards make the final state independent of the order batches land in, so two
+/// batches may overlap: while one transaction commits (an fsync), the next is already
+/// executing. Items are sorted by id inside each batch, so overlapping transactions take
+/// row locks in the same order.
 const CONCURRENT_BATCHES: usize = 2;
 
 /// Retries of a batch that lost a lock race (deadlock, lock-wait timeout) before it counts
@@ -51,34 +52,44 @@ const MAX_TRANSIENT_RETRIES: u32 = 5;
 const L2_ATTEMPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub(super) async fn run(mut batch_rx: mpsc::Receiver<Batch>, stores: Arc<Stores>, aborting: CancellationToken) {
+    // Three stages, so that L3 never waits on Redis: batches being written to L3, batches
+    // whose caches follow L3's verdict (then settle), and items ending at L2 whose write
+    // failed (retried outside the batch slots).
     let mut writing = FuturesUnordered::new();
-    // Items ending at L2 whose write failed: retried here, outside the batch slots.
+    let mut finishing = FuturesUnordered::new();
     let mut retrying = FuturesUnordered::new();
+    // Flushes wait until everything before them has settled; no batch is taken meanwhile.
+    let mut flush_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut closed = false;
     loop {
-        tokio::select! {
-            batch = batch_rx.recv(), if writing.len() < CONCURRENT_BATCHES => {
-                let Some(batch) = batch else { break };
-                if !batch.items.is_empty() {
-                    metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
-                    writing.push(write_batch(&stores, batch.items, &aborting));
-                }
-                if let Some(done) = batch.done {
-                    // A flush answers only once every earlier item has settled.
-                    while let Some(left) = writing.next().await {
-                        retrying.push(retry_l2(&stores, left, &aborting));
-                    }
-                    while retrying.next().await.is_some() {}
-                    let _ = done.send(());
-                }
+        if writing.is_empty() && finishing.is_empty() && retrying.is_empty() {
+            for done in flush_waiters.drain(..) {
+                let _ = done.send(());
             }
-            Some(left) = writing.next(), if !writing.is_empty() => retrying.push(retry_l2(&stores, left, &aborting)),
+            if closed {
+                break;
+            }
+        }
+        let accepting = !closed
+            && flush_waiters.is_empty()
+            && writing.len() < CONCURRENT_BATCHES
+            && finishing.len() < CONCURRENT_BATCHES;
+        tokio::select! {
+            batch = batch_rx.recv(), if accepting => match batch {
+                None => closed = true,
+                Some(batch) => {
+                    if !batch.items.is_empty() {
+                        metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
+                        writing.push(write_l3_stage(&stores, batch.items, &aborting));
+                    }
+                    flush_waiters.extend(batch.done);
+                }
+            },
+            Some((batch, l3)) = writing.next(), if !writing.is_empty() => finishing.push(finish(&stores, batch, l3)),
+            Some(left) = finishing.next(), if !finishing.is_empty() => retrying.push(retry_l2(&stores, left, &aborting)),
             Some(()) = retrying.next(), if !retrying.is_empty() => {}
         }
     }
-    while let Some(left) = writing.next().await {
-        retrying.push(retry_l2(&stores, left, &aborting));
-    }
-    while retrying.next().await.is_some() {}
 }
 
 fn goes_to_l3(stores: &Stores, pending: &Pending) -> bool {
@@ -93,11 +104,20 @@ fn ttl(stores: &Stores, pending: &Pending) -> u64 {
     pending.options.redis_ttl.resolve_secs(stores.redis_ttl_secs)
 }
 
-/// Writes one batch and settles what it can. Returns the items ending at L2 whose L2 write
-/// failed: they settle once `retry_l2` gets them in.
-async fn write_batch(stores: &Stores, batch: Vec<Pending>, aborting: &CancellationToken) -> Vec<Pending> {
+/// Writes a batch's L3-bound items to L3 (or the WAL) and hands the batch on with the outcome.
+async fn write_l3_stage(
+    stores: &Stores,
+    batch: Vec<Pending>,
+    aborting: &CancellationToken,
+) -> (Vec<Pending>, L3Outcome) {
     let to_l3: Vec<(usize, &Pending)> = batch.iter().enumerate().filter(|(_, p)| goes_to_l3(stores, p)).collect();
     let l3 = write_l3(stores, &to_l3, aborting).await;
+    (batch, l3)
+}
+
+/// Brings the caches in line with L3's verdict and settles what it can. Returns the items
+/// ending at L2 whose L2 write failed: they settle once `retry_l2` gets them in.
+async fn finish(stores: &Stores, batch: Vec<Pending>, l3: L3Outcome) -> Vec<Pending> {
     let l2_failed = caches_follow_l3(stores, &batch, &l3).await;
     let mut left = Vec::new();
     for (index, pending) in batch.into_iter().enumerate() {
