@@ -54,6 +54,9 @@ fn main() -> ExitCode {
             Command::Ceiling(args) => sync_engine::storage::ceiling::run(args).await.map(|_| ExitCode::SUCCESS),
         }
     });
+    // Do not wait for blocking tasks still running (a consumer thread join that timed out,
+    // an fsync): the grace period is over once the command returns.
+    runtime.shutdown_background();
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -96,16 +99,24 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     let _ = started_engine.set(engine.clone());
     tokio::spawn(stop_on_signal(stop.clone()));
     readiness.set(true);
-    let result = worker::run(
-        config.kafka.clone(),
-        engine.clone(),
-        stop.clone(),
-        config.shutdown_grace,
-        Arc::new(WorkerStats::default()),
-    )
-    .await;
+    // The grace counts from the stop signal: whatever is left of it after the worker has
+    // drained is all the engine gets, so the process exits at the grace, never later.
+    let stopped_at = Arc::new(OnceLock::new());
+    let stop_watch = (stop.clone(), stopped_at.clone());
+    tokio::spawn(async move {
+        stop_watch.0.cancelled().await;
+        let _ = stop_watch.1.set(tokio::time::Instant::now());
+    });
+    let grace = config.shutdown_grace;
+    let result =
+        worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, Arc::new(WorkerStats::default())).await;
     readiness.set(false);
-    engine.shutdown(config.shutdown_grace).await;
+    let left = stopped_at.get().map_or(grace, |at| grace.saturating_sub(at.elapsed()));
+    if tokio::time::timeout(left, engine.shutdown(left)).await.is_err() {
+        tracing::error!("the engine did not stop within the grace period; exiting anyway");
+        stop.cancel();
+        return Err(anyhow::anyhow!("grace period ended before the engine stopped"));
+    }
     stop.cancel();
     result.map(|()| ExitCode::SUCCESS)
 }

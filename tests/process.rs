@@ -188,3 +188,51 @@ async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_
     assert!(http_get(port, "/health/live").unwrap().starts_with("HTTP/1.0 200"), "still serving");
     stop.cancel();
 }
+
+/// Issue 6, item 8: a worker that cannot settle within `SYNC_SHUTDOWN_GRACE_MS` exits
+/// non-zero at the grace, never later. Its L3 table is locked and its write deadline is
+/// longer than the grace, so nothing can settle; before the fix the engine's own shutdown got
+/// a second full grace after the worker's and the process waited out the hung write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_settle_exits_non_zero_at_the_grace() {
+    use sqlx::{Connection, Executor};
+    let names = Names::new("grace");
+    create_topic(&names.topic, PARTITIONS).await;
+    let port = free_port();
+    let grace = Duration::from_millis(2_000);
+    let mut worker = spawn_worker(
+        &names,
+        port,
+        &[("SYNC_SHUTDOWN_GRACE_MS", grace.as_millis().to_string()), ("SYNC_SQL_WRITE_TIMEOUT_MS", "30000".into())],
+    );
+    assert!(wait_ready(port, Duration::from_secs(30)).await, "worker ready");
+    let mut locker = sqlx::MySqlConnection::connect(&mysql_url()).await.unwrap();
+    locker.execute(format!("LOCK TABLES {} WRITE", names.table).as_str()).await.unwrap();
+    let mut workload = Workload::new(spec(&names, 2_000, 500));
+    produce(&names, &mut workload).await;
+    let consumed = eventually_metric(port, "sync_records_consumed_total", Duration::from_secs(30)).await;
+    assert!(consumed, "the worker consumed records before the stop");
+
+    let stopped = Instant::now();
+    signal(&worker, "TERM");
+    let status = wait_exit(&mut worker, Duration::from_secs(25)).await;
+    let took = stopped.elapsed();
+    locker.execute("UNLOCK TABLES").await.unwrap();
+    let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM with a {grace:?} grace"));
+    eprintln!("grace: exit {status} {:.1}s after SIGTERM (grace {:.1}s)", took.as_secs_f64(), grace.as_secs_f64());
+    assert!(!status.success(), "unsettled items must make the exit non-zero");
+    assert!(took < grace + Duration::from_millis(1_500), "exited {took:?} after SIGTERM, the grace is {grace:?}");
+}
+
+/// Waits until a counter on the worker's `/metrics` is above zero.
+async fn eventually_metric(port: u16, name: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let metrics = http_get(port, "/metrics").unwrap_or_default();
+        if metrics.lines().any(|line| line.starts_with(name) && !line.ends_with(" 0")) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
