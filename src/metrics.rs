@@ -44,6 +44,8 @@ pub const WAL_ERRORS: &str = "sync_wal_errors_total";
 pub const CIRCUIT_STATE: &str = "sync_circuit_state";
 pub const L2_STALE_IDS: &str = "sync_l2_stale_ids";
 pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
+pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
+pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
@@ -101,6 +103,11 @@ fn describe() {
     describe_gauge!(WAL_BYTES, Unit::Bytes, "Bytes in the local write-ahead log, waiting to drain into L3");
     describe_counter!(WAL_APPENDED_ITEMS, "Items settled in the write-ahead log because L3 was unavailable");
     describe_counter!(WAL_DRAINED_ITEMS, "Items replayed from the write-ahead log into L3");
+    describe_counter!(WAL_REJECTED_ITEMS, "Items L3 rejected for their content while the write-ahead log drained");
+    describe_counter!(
+        DEAD_LETTER_DROPPED,
+        "Dead letters the topic could not take even without their value: logged and settled"
+    );
     describe_counter!(WAL_CORRUPT_RECORDS, "Write-ahead log records that failed their checksum (skipped)");
     describe_counter!(
         WAL_TORN_BYTES,

@@ -29,10 +29,6 @@ use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRows, SqlStore};
 use crate::storage::StoreError;
 
-/// Items L3 rejected for their content while draining (dead-lettered late).
-// TODO(move to metrics.rs with its description once that file is free)
-pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
-
 const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Segments roll over at this size, so drained space is given back in steps.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -205,7 +201,7 @@ async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Res
 
 /// An item L3 will never take: out of the caches, counted, and handed over for dead-lettering.
 async fn reject_late(stores: &Stores, item: &SyncItem, reason: String) {
-    metrics::counter!(WAL_REJECTED_ITEMS).increment(1);
+    metrics::counter!(m::WAL_REJECTED_ITEMS).increment(1);
     metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "rejected").increment(1);
     let origin = item.origin.as_ref();
     tracing::error!(

@@ -27,10 +27,6 @@ pub const HEADER_OFFSET: &str = "sync-dlq-offset";
 /// On a dead letter sent without its value: the size in bytes of the value left out.
 pub const HEADER_VALUE_BYTES: &str = "sync-dlq-value-bytes";
 
-/// Dead letters neither the full record nor its valueless form could be published for
-/// (label `reason`: the dead-letter reason code). Each is logged with its origin.
-pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
-
 /// A failed dead-letter produce.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetterError {

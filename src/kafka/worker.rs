@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, ConsumerCommand, ConsumerEvent, ConsumerHandle, RebalanceEvent};
-use super::dlq::{DeadLetterError, DeadLetterProducer, DEAD_LETTER_DROPPED};
+use super::dlq::{DeadLetterError, DeadLetterProducer};
 use super::offsets::{Generation, OffsetTracker, TopicPartition};
 use crate::config::KafkaConfig;
 use crate::decode::{decode, require_tiers, DeadLetterReason, DecodeLimits, RawRecord};
@@ -446,7 +446,7 @@ impl Worker {
             return AfterFailure::Retry(DeadLetter { with_value: false, ..letter }, Duration::ZERO);
         }
         tracing::error!(%error, %topic, partition, offset, reason = code, dead_letter_reason = %letter.reason, "the dead-letter topic cannot take this record even without its value: dropped, not dead-lettered");
-        metrics::counter!(DEAD_LETTER_DROPPED, "reason" => code).increment(1);
+        metrics::counter!(m::DEAD_LETTER_DROPPED, "reason" => code).increment(1);
         self.stats.dead_letters_dropped.fetch_add(1, Ordering::Relaxed);
         AfterFailure::Drop
     }
