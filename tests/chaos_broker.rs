@@ -1,7 +1,8 @@
 //! The broker made unreachable mid-stream (frozen with SIGSTOP for 12 s, then resumed): the
-//! worker reconnects and continues, and the final state is exact. In its own test binary:
-//! every client of the shared broker stalls while it runs. (Tansu here keeps its data in
-//! memory, so a restart would lose the topic itself; a freeze is the outage it survives.)
+//! worker reconnects and continues, and the final state is exact. The frozen broker is a
+//! private Tansu of this test's own (the pinned binary `scripts/services.sh` installed, on a
+//! free port), never the shared one. (Tansu here keeps its data in memory, so a restart would
+//! lose the topic itself; a freeze is the outage it survives.)
 
 mod common;
 
@@ -16,14 +17,40 @@ use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 4;
 
-fn broker_pid() -> u32 {
-    let port = brokers().rsplit(':').next().unwrap_or("9092").to_owned();
-    let output = Command::new("pgrep").arg("-f").arg(format!("tansu broker .*{port}")).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .and_then(|pid| pid.trim().parse().ok())
-        .expect("the tansu broker runs")
+/// A Tansu broker of this test's own on a free loopback port; killed when dropped.
+struct PrivateBroker {
+    child: std::process::Child,
+    address: String,
+}
+
+impl PrivateBroker {
+    fn start() -> PrivateBroker {
+        let services = std::env::var("SYNC_SERVICES_DIR").unwrap_or_else(|_| "/tmp/sync-engine-services".into());
+        let binary = format!("{services}/tansu/tansu");
+        let address = format!("127.0.0.1:{}", free_port());
+        let url = format!("tcp://{address}");
+        let child = Command::new(&binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("{binary} (installed by scripts/services.sh) runs: {error}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(Instant::now() < deadline, "private broker did not listen on {address}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateBroker { child, address }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-CONT").arg(self.child.id().to_string()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn signal_pid(pid: u32, signal: &str) {
@@ -48,6 +75,9 @@ impl Drop for Frozen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_broker_stalls_the_worker_which_then_continues_and_loses_nothing() {
+    let broker = PrivateBroker::start();
+    // The only test in this binary: every helper below talks to the private broker.
+    std::env::set_var("SYNC_TEST_KAFKA_BROKERS", &broker.address);
     let names = Names::new("broker_freeze");
     create_topic(&names.topic, PARTITIONS).await;
     let worker = InProcessWorker::start(&names, kafka_config(&names)).await;
@@ -57,8 +87,7 @@ async fn a_frozen_broker_stalls_the_worker_which_then_continues_and_loses_nothin
     let mut ends = publish_all(&producer, before, 0, || {}).await.unwrap();
     assert!(eventually(Duration::from_secs(30), || worker.stats.stored.load(Ordering::Relaxed) >= 5_000).await);
 
-    let pid = broker_pid();
-    let frozen = Frozen::new(pid);
+    let frozen = Frozen::new(broker.child.id());
     let frozen_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(12)).await;
     drop(frozen);

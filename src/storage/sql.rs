@@ -303,8 +303,9 @@ mod tests {
         let items: Vec<&SyncItem> = std::iter::repeat_n(&item, 623).collect();
         let sizes: Vec<usize> = chunks(&items, CHUNK_MAX_BYTES).iter().map(|chunk| chunk.len()).collect();
         assert_eq!(sizes, vec![100, 100, 100, 100, 100, 100, 10, 10, 1, 1, 1]);
-        let small_cap: Vec<usize> = chunks(&items, 64).iter().map(|chunk| chunk.len()).collect();
-        assert!(small_cap.iter().all(|&size| size == 10), "{small_cap:?}");
+        // A cap of ten items' bytes (66 each): chunks of ten, then singles for the rest.
+        let capped: Vec<usize> = chunks(&items, 660).iter().map(|chunk| chunk.len()).collect();
+        assert_eq!(capped, [vec![10; 62], vec![1; 3]].concat());
         assert_eq!(sizes.iter().sum::<usize>(), 623);
     }
 
