@@ -6,6 +6,10 @@
 #   scripts/kafka.sh stop PORT|NAME     SIGTERM (a clean, controlled shutdown), SIGKILL after 30 s
 #   scripts/kafka.sh kill PORT|NAME     kill -9 (a crash, for chaos tests)
 #   scripts/kafka.sh remove PORT|NAME   stop it and delete its data
+#   scripts/kafka.sh tool CLASS ARGS... run one of Kafka's tools from the jars, e.g.
+#       org.apache.kafka.tools.TopicCommand, org.apache.kafka.tools.ConsoleProducer,
+#       org.apache.kafka.tools.consumer.ConsoleConsumer, org.apache.kafka.tools.GetOffsetShell,
+#       org.apache.kafka.tools.consumer.group.ConsumerGroupCommand (all take --bootstrap-server)
 # Jars:  ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}/kafka-VERSION/libs
 # Data:  ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}/kafka-data-NAME (log dirs, the cluster
 #        id, server.properties, server.log, the pid file): it survives stop/start, so a broker
@@ -26,7 +30,7 @@ STOP_SECS=30  # bound for a clean shutdown before SIGKILL
 
 log() { echo "kafka: $*" >&2; }
 die() { echo "kafka: ERROR: $*" >&2; exit 1; }
-usage() { die "usage: $0 install | start PORT [NAME] | stop|kill|remove PORT|NAME"; }
+usage() { die "usage: $0 install | start PORT [NAME] | stop|kill|remove PORT|NAME | tool CLASS ARGS..."; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -253,6 +257,12 @@ remove)
     stop "$name"
     rm -rf "$(data_dir "$name")"
     log "removed broker $name and its data"
+    ;;
+tool)
+    [[ -n ${2:-} ]] || usage
+    install
+    shift
+    kafka_tool "$@"
     ;;
 *) usage ;;
 esac
