@@ -41,16 +41,18 @@ impl L1Cache {
             .await;
     }
 
-    /// Drops the id's entry if L3's row supersedes it (L3 refused it, or never saw it).
-    pub async fn drop_if_older(&self, id: &str, row: &HeldRow) {
+    /// Drops the id's entry unless it is L3's row or newer than it: an entry L3 refused (an
+    /// older version, or other content at the same version) must not answer reads.
+    pub async fn drop_if_behind(&self, id: &str, row: &HeldRow) {
         self.cache
             .entry(id.to_owned())
             .and_compute_with(|current| {
-                let older = current.is_some_and(|entry| {
+                let behind = current.is_some_and(|entry| {
                     let cached = entry.value();
-                    supersedes(row.version, row.origin.as_ref(), cached.version, cached.origin.as_ref())
+                    let newer = supersedes(cached.version, cached.origin.as_ref(), row.version, row.origin.as_ref());
+                    !newer && !row.is(cached)
                 });
-                std::future::ready(if older { Op::Remove } else { Op::Nop })
+                std::future::ready(if behind { Op::Remove } else { Op::Nop })
             })
             .await;
     }

@@ -112,7 +112,9 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
         worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, Arc::new(WorkerStats::default())).await;
     readiness.set(false);
     let left = stopped_at.get().map_or(grace, |at| grace.saturating_sub(at.elapsed()));
-    if tokio::time::timeout(left, engine.shutdown(left)).await.is_err() {
+    // The engine's own grace ends a little earlier, so its abort step still fits in `left`.
+    let engine_grace = left.saturating_sub(left / 5);
+    if tokio::time::timeout(left, engine.shutdown(engine_grace)).await.is_err() {
         tracing::error!("the engine did not stop within the grace period; exiting anyway");
         stop.cancel();
         return Err(anyhow::anyhow!("grace period ended before the engine stopped"));

@@ -188,6 +188,49 @@ async fn a_rejected_item_inside_the_wal_does_not_block_the_drain() {
     engine.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Review finding: a batch holding an older valid version and a newer one L3 rejects went to
+/// the WAL deduplicated (only the newest), so when the drain rejected the newest the older
+/// one was lost although its offset was committed. The WAL keeps every item; the older lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_valid_version_beside_a_rejected_newer_one_survives_the_wal() {
+    let names = Names::new("edge_wal_dedup");
+    let config = EngineConfig {
+        sql_write_timeout: Duration::from_millis(500),
+        wal_dir: Some(names.wal_dir()),
+        breaker_failures: 1,
+        breaker_cool_down: Duration::from_millis(300),
+        ..engine_config(&names)
+    };
+    let engine = engine(config).await;
+    let limit = engine.l3().and_then(|l3| l3.max_item_bytes()).expect("MySQL reports max_allowed_packet");
+    let mut locker = sqlx::MySqlConnection::connect(&mysql_url()).await.unwrap();
+    locker.execute(format!("LOCK TABLES {} WRITE", names.table).as_str()).await.unwrap();
+    let mut late = engine.take_late_rejections().unwrap();
+    let older = engine.enqueue(SyncItem::new("dedup.x", b"valid".to_vec()).with_version(1), SubmitOptions::default());
+    let older = older.await.unwrap();
+    let too_big = SyncItem::new("dedup.x", vec![b'z'; limit as usize + 1]).with_version(2);
+    let newer = engine.enqueue(too_big, SubmitOptions::default()).await.unwrap();
+    let older = tokio::time::timeout(Duration::from_secs(20), older).await.expect("the older version settles");
+    assert_eq!(older, Ok(Tier::Wal), "L3 is locked: the older version settles in the WAL");
+    // The newer one is rejected, at once or when the WAL drains: either way it is reported.
+    let newer = tokio::time::timeout(Duration::from_secs(20), newer).await.expect("the newer version settles");
+    locker.execute("UNLOCK TABLES").await.unwrap();
+    match newer {
+        Err(SettleError::Rejected(why)) => assert!(why.contains("max_allowed_packet"), "{why}"),
+        other => {
+            assert_eq!(other, Ok(Tier::Wal));
+            let late = tokio::time::timeout(Duration::from_secs(20), late.recv()).await.expect("reported").unwrap();
+            assert_eq!(late.item.version, 2);
+        }
+    }
+    let landed = eventually_async(Duration::from_secs(20), || async {
+        l3_rows(&names).await.iter().any(|row| row.id == "dedup.x" && row.version == 1)
+    })
+    .await;
+    assert!(landed, "the older valid version must land once the newer one is rejected");
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A one-node Redis Cluster of this test's own, so it can be frozen.
 struct PrivateRedis {
     server: Child,
@@ -260,6 +303,15 @@ async fn l2_only_items_do_not_stall_l3_items_while_redis_is_down() {
     assert_eq!(settled.unwrap(), Ok(Tier::L3));
     eprintln!("edge l2 down: L3 item settled in {:.1}s with Redis frozen", started.elapsed().as_secs_f64());
     assert!(l3_rows(&names).await.iter().any(|row| row.id == "down.durable"));
+
+    // A flush that gives up (as a revoke past its deadline does) while the L2-only item still
+    // waits for Redis must not stop later L3-bound items either.
+    assert!(tokio::time::timeout(Duration::from_millis(500), engine.flush()).await.is_err(), "L2 is still frozen");
+    let started = Instant::now();
+    let later = engine.enqueue(SyncItem::new("down.later", b"l".to_vec()), SubmitOptions::default()).await.unwrap();
+    let settled = tokio::time::timeout(Duration::from_secs(20), later).await;
+    assert!(settled.is_ok(), "an abandoned flush stopped L3 writes for {:?}", started.elapsed());
+    assert_eq!(settled.unwrap(), Ok(Tier::L3));
 
     redis.signal("CONT");
     let cached = tokio::time::timeout(Duration::from_secs(30), cache_only).await;

@@ -17,7 +17,7 @@
 //! never stalls L3-bound items. Up to `CONCURRENT_BATCHES` batches are written at once; the
 //! version guards make the final state independent of which lands first.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,7 +32,7 @@ use crate::item::SyncItem;
 use crate::metrics as m;
 use crate::resilience::retry::{Backoff, RetryConfig};
 use crate::storage::redis::L2Op;
-use crate::storage::sql::HeldRows;
+use crate::storage::sql::{HeldRows, SqlStore};
 use crate::storage::StoreError;
 
 /// Batches written to L3 at once, and batches updating the caches at once. The stores'
@@ -54,40 +54,53 @@ const L2_ATTEMPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(
 pub(super) async fn run(mut batch_rx: mpsc::Receiver<Batch>, stores: Arc<Stores>, aborting: CancellationToken) {
     // Three stages, so that L3 never waits on Redis: batches being written to L3, batches
     // whose caches follow L3's verdict (then settle), and items ending at L2 whose write
-    // failed (retried outside the batch slots).
+    // failed (retried outside the batch slots). Batches are numbered; a flush waits for the
+    // batches numbered before it, while later batches keep flowing (a flush must never stop
+    // L3 writes, e.g. while L2-only items wait for Redis).
     let mut writing = FuturesUnordered::new();
     let mut finishing = FuturesUnordered::new();
     let mut retrying = FuturesUnordered::new();
-    // Flushes wait until everything before them has settled; no batch is taken meanwhile.
-    let mut flush_waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut unsettled: BTreeSet<u64> = BTreeSet::new();
+    let mut next_batch: u64 = 0;
+    let mut flush_waiters: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     let mut closed = false;
     loop {
-        if writing.is_empty() && finishing.is_empty() && retrying.is_empty() {
-            for done in flush_waiters.drain(..) {
-                let _ = done.send(());
-            }
-            if closed {
-                break;
-            }
+        let oldest_unsettled = unsettled.first().copied().unwrap_or(next_batch);
+        // A waiter whose caller gave up (a revoke past its deadline) is dropped.
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut flush_waiters)
+            .into_iter()
+            .filter(|(_, done)| !done.is_closed())
+            .partition(|(before, _)| *before <= oldest_unsettled);
+        flush_waiters = waiting;
+        for (_, done) in ready {
+            let _ = done.send(());
         }
-        let accepting = !closed
-            && flush_waiters.is_empty()
-            && writing.len() < CONCURRENT_BATCHES
-            && finishing.len() < CONCURRENT_BATCHES;
+        if closed && unsettled.is_empty() {
+            break;
+        }
+        let accepting = !closed && writing.len() < CONCURRENT_BATCHES && finishing.len() < CONCURRENT_BATCHES;
         tokio::select! {
             batch = batch_rx.recv(), if accepting => match batch {
                 None => closed = true,
                 Some(batch) => {
                     if !batch.items.is_empty() {
                         metrics::histogram!(m::BATCH_ITEMS).record(batch.items.len() as f64);
-                        writing.push(write_l3_stage(&stores, batch.items, &aborting));
+                        unsettled.insert(next_batch);
+                        writing.push(write_l3_stage(&stores, next_batch, batch.items, &aborting));
+                        next_batch += 1;
                     }
-                    flush_waiters.extend(batch.done);
+                    flush_waiters.extend(batch.done.map(|done| (next_batch, done)));
                 }
             },
-            Some((batch, l3)) = writing.next(), if !writing.is_empty() => finishing.push(finish(&stores, batch, l3)),
-            Some(left) = finishing.next(), if !finishing.is_empty() => retrying.push(retry_l2(&stores, left, &aborting)),
-            Some(()) = retrying.next(), if !retrying.is_empty() => {}
+            Some((number, batch, l3)) = writing.next(), if !writing.is_empty() => {
+                finishing.push(finish(&stores, number, batch, l3));
+            }
+            Some((number, left)) = finishing.next(), if !finishing.is_empty() => {
+                retrying.push(retry_l2(&stores, number, left, &aborting));
+            }
+            Some(number) = retrying.next(), if !retrying.is_empty() => {
+                unsettled.remove(&number);
+            }
         }
     }
 }
@@ -107,17 +120,18 @@ fn ttl(stores: &Stores, pending: &Pending) -> u64 {
 /// Writes a batch's L3-bound items to L3 (or the WAL) and hands the batch on with the outcome.
 async fn write_l3_stage(
     stores: &Stores,
+    number: u64,
     batch: Vec<Pending>,
     aborting: &CancellationToken,
-) -> (Vec<Pending>, L3Outcome) {
+) -> (u64, Vec<Pending>, L3Outcome) {
     let to_l3: Vec<(usize, &Pending)> = batch.iter().enumerate().filter(|(_, p)| goes_to_l3(stores, p)).collect();
     let l3 = write_l3(stores, &to_l3, aborting).await;
-    (batch, l3)
+    (number, batch, l3)
 }
 
 /// Brings the caches in line with L3's verdict and settles what it can. Returns the items
 /// ending at L2 whose L2 write failed: they settle once `retry_l2` gets them in.
-async fn finish(stores: &Stores, batch: Vec<Pending>, l3: L3Outcome) -> Vec<Pending> {
+async fn finish(stores: &Stores, number: u64, batch: Vec<Pending>, l3: L3Outcome) -> (u64, Vec<Pending>) {
     let l2_failed = caches_follow_l3(stores, &batch, &l3).await;
     let mut left = Vec::new();
     for (index, pending) in batch.into_iter().enumerate() {
@@ -134,7 +148,7 @@ async fn finish(stores: &Stores, batch: Vec<Pending>, l3: L3Outcome) -> Vec<Pend
         };
         settle(pending, result);
     }
-    left
+    (number, left)
 }
 
 fn settle(pending: Pending, result: SettleResult) {
@@ -183,6 +197,32 @@ impl L3Outcome {
 /// lock race is retried a few times before it counts against L3's health.
 async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &CancellationToken) -> L3Outcome {
     let Some(l3) = &stores.l3 else { return L3Outcome::settled(Tier::L3) };
+    // Items L3 refuses for what they are (too large for one statement, a version it cannot
+    // store) are rejected here, alone and without a round trip, even while L3 is down.
+    let mut refused = HashMap::new();
+    let accepted: Vec<(usize, &Pending)> = to_l3
+        .iter()
+        .filter(|(index, pending)| match l3.refuses(&pending.item) {
+            Some(why) => {
+                metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "rejected").increment(1);
+                refused.insert(*index, SettleError::Rejected(why));
+                false
+            }
+            None => true,
+        })
+        .copied()
+        .collect();
+    let mut outcome = write_l3_accepted(stores, l3, &accepted, aborting).await;
+    outcome.unsettled.extend(refused);
+    outcome
+}
+
+async fn write_l3_accepted(
+    stores: &Stores,
+    l3: &SqlStore,
+    to_l3: &[(usize, &Pending)],
+    aborting: &CancellationToken,
+) -> L3Outcome {
     if to_l3.is_empty() {
         return L3Outcome::settled(Tier::L3);
     }
@@ -219,7 +259,10 @@ async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &Cance
             }
         }
         if let Some(wal) = &stores.wal {
-            match super::wal::append(wal, &items).await {
+            // Every L3-bound item, in batch order, not only the newest per id: if L3 later
+            // rejects the newest, an older valid version must still land (as on the live path).
+            let all: Vec<&SyncItem> = to_l3.iter().map(|(_, p)| p.item.as_ref()).collect();
+            match super::wal::append(wal, &all).await {
                 Ok(()) => break L3Outcome::settled(Tier::Wal),
                 Err(error) => tracing::warn!(%error, "cannot append to the write-ahead log, retrying"),
             }
@@ -296,15 +339,16 @@ async fn caches_follow_l3(stores: &Stores, batch: &[Pending], l3: &L3Outcome) ->
             continue;
         }
         let Some(row) = l3.held.get(&item.id) else { continue };
-        if row.is(item) && tiers.l2 {
+        let held = row.is(item);
+        if held && tiers.l2 {
             ops.push(L2Op::Write(item, ttl(stores, pending)));
         } else {
-            // L3 refused it (it holds something newer), or the item skips L2: an older
-            // L2 entry must not outlive what L3 holds.
-            ops.push(L2Op::DropIfOlder(&item.id, row));
+            // L3 refused it (it holds something newer, or other content at the same
+            // version), or the item skips L2: an L2 entry behind L3 must not outlive it.
+            ops.push(L2Op::DropIfBehind(&item.id, row));
         }
-        if !(row.is(item) && tiers.l1) {
-            stores.l1.drop_if_older(&item.id, row).await;
+        if !(held && tiers.l1) {
+            stores.l1.drop_if_behind(&item.id, row).await;
         }
     }
     let ends_at_l2_ids: HashSet<&str> =
@@ -364,7 +408,11 @@ pub(super) async fn invalidate_l2(stores: &Stores, ids: &[&str]) {
     if ids.is_empty() {
         return;
     }
-    if let Err(error) = l2.invalidate(ids).await {
+    let dropped = match tokio::time::timeout(L2_ATTEMPT_DEADLINE, l2.invalidate(ids)).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!("L2 did not answer within {L2_ATTEMPT_DEADLINE:?}"))),
+    };
+    if let Err(error) = dropped {
         tracing::warn!(%error, "could not drop rejected items from L2, repair will");
         stores.l2_dirty.add(ids.iter().map(|id| (*id).to_owned()));
     }
@@ -372,14 +420,14 @@ pub(super) async fn invalidate_l2(stores: &Stores, ids: &[&str]) {
 
 /// Retries items whose last tier is L2 until L2 takes them, then settles them (abandoned if
 /// the engine aborts first).
-async fn retry_l2(stores: &Stores, mut left: Vec<Pending>, aborting: &CancellationToken) {
+async fn retry_l2(stores: &Stores, number: u64, mut left: Vec<Pending>, aborting: &CancellationToken) -> u64 {
     let mut backoff = Backoff::new(RetryConfig::default());
     while !left.is_empty() {
         if !sleep_or_abort(&mut backoff, aborting).await {
             for pending in left {
                 settle(pending, Err(SettleError::Abandoned));
             }
-            return;
+            return number;
         }
         let newest = newest_per_id(left.iter());
         let ops: Vec<L2Op> = newest.iter().map(|p| L2Op::Write(&p.item, ttl(stores, p))).collect();
@@ -391,6 +439,7 @@ async fn retry_l2(stores: &Stores, mut left: Vec<Pending>, aborting: &Cancellati
         }
         left = still;
     }
+    number
 }
 
 /// Sleeps the next backoff delay; false if the engine is aborting.

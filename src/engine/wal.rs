@@ -29,6 +29,9 @@ use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRows, SqlStore};
 use crate::storage::StoreError;
 
+/// Retries of a replayed frame that lost a lock race (deadlock, lock-wait timeout).
+const LOCK_RACE_RETRIES: u32 = 5;
+
 const DRAIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Segments roll over at this size, so drained space is given back in steps.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -179,10 +182,13 @@ async fn drain(stores: &Stores, wal: &SharedWal, stopping: &CancellationToken) -
     }
 }
 
-/// Writes one replayed frame; a rejected frame is written item by item, and each item L3
-/// rejects is reported instead of blocking the drain.
+/// Writes one replayed frame: the newest item per id in one transaction; a rejected frame is
+/// written item by item in its original order (so an older valid version still lands), and
+/// each item L3 rejects is reported instead of blocking the drain. Lost lock races are retried
+/// here: they say nothing about L3's health.
 async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
-    match l3.write_batch(items, stores.sql_write_timeout).await {
+    let newest = newest_per_id(items);
+    match write_with_retries(stores, l3, &newest).await {
         Err(StoreError::Rejected(error)) => {
             tracing::warn!(%error, items = items.len(), "L3 rejected a write-ahead log frame, writing it item by item");
         }
@@ -190,13 +196,46 @@ async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Res
     }
     let mut held = HeldRows::new();
     for item in items {
-        match l3.write_batch(&[*item], stores.sql_write_timeout).await {
+        match write_with_retries(stores, l3, &[*item]).await {
             Ok(rows) => held.extend(rows),
             Err(StoreError::Rejected(reason)) => reject_late(stores, item, reason).await,
             Err(other) => return Err(other),
         }
     }
     Ok(held)
+}
+
+/// One L3 write, retried a few times when it loses a lock race.
+async fn write_with_retries(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match l3.write_batch(items, stores.sql_write_timeout).await {
+            Err(StoreError::Transient(error)) if attempt < LOCK_RACE_RETRIES => {
+                attempt += 1;
+                metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "transient").increment(1);
+                tracing::info!(%error, attempt, "write-ahead log drain lost a lock race, retrying");
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The newest item per id, in first-seen order (a frame holds a whole batch, duplicates too).
+fn newest_per_id<'a>(items: &[&'a SyncItem]) -> Vec<&'a SyncItem> {
+    let mut position: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut newest: Vec<&SyncItem> = Vec::with_capacity(items.len());
+    for item in items {
+        match position.get(item.id.as_str()) {
+            Some(&at) if item.supersedes(newest[at]) => newest[at] = item,
+            Some(_) => {}
+            None => {
+                position.insert(&item.id, newest.len());
+                newest.push(item);
+            }
+        }
+    }
+    newest
 }
 
 /// An item L3 will never take: out of the caches, counted, and handed over for dead-lettering.
@@ -226,8 +265,8 @@ async fn caches_follow_drained(stores: &Stores, items: &[&SyncItem], held: &Held
     let mut ops = Vec::with_capacity(items.len());
     for item in items {
         if let Some(row) = held.get(&item.id) {
-            stores.l1.drop_if_older(&item.id, row).await;
-            ops.push(L2Op::DropIfOlder(&item.id, row));
+            stores.l1.drop_if_behind(&item.id, row).await;
+            ops.push(L2Op::DropIfBehind(&item.id, row));
         }
     }
     let failed = apply_l2(stores, &ops).await;

@@ -3,8 +3,8 @@
 //! topic, partition and offset that break ties at equal versions (readers may ignore them).
 //!
 //! Writes are version-guarded by a Lua script that runs on the key's node, so a write never
-//! replaces a newer version (invariant 2). A second script drops an entry that a given L3
-//! row supersedes: how the engine removes what L3 refused (invariant 6). A batch is grouped by master (`redis_slots.rs`)
+//! replaces a newer version (invariant 2). A second script drops an entry that is behind a
+//! given L3 row: how the engine removes what L3 refused (invariant 6). A batch is grouped by master (`redis_slots.rs`)
 //! and sent as one pipeline of `EVALSHA` calls per master, routed by address: one round trip
 //! per node instead of one per item. Items whose pipeline fails (a stale slot map after a
 //! failover, a missing script) are retried one by one through the cluster client, which
@@ -52,23 +52,27 @@ if ARGV[5] == '0' then redis.call('PERSIST', KEYS[1]) else redis.call('EXPIRE', 
 return 1
 "#;
 
-/// Deletes the entry if L3's row (ARGV: version, origin topic, partition, offset) supersedes
-/// it, by the same rule as the write guard. An entry equal to or newer than the row stays.
-const DROP_IF_OLDER: &str = r#"
+/// Deletes the entry unless it is L3's row (same version and origin) or newer than it by the
+/// write guard's rule (ARGV: L3's version, origin topic, partition, offset). So an older
+/// entry, or one at the same version from another origin, goes: reads then fall to L3.
+const DROP_IF_BEHIND: &str = r#"
 local current = redis.call('HMGET', KEYS[1], 'v', 'ot', 'op', 'oo')
 if not current[1] then return 0 end
 local function greater(a, b) -- unsigned decimals without leading zeros
   if #a ~= #b then return #a > #b end
   return a > b
 end
-local older
-if ARGV[1] ~= current[1] then
-  older = greater(ARGV[1], current[1])
+local v, t, p, o = current[1], current[2] or '', current[3] or '', current[4] or ''
+if v == ARGV[1] and t == ARGV[2] and p == ARGV[3] and o == ARGV[4] then return 0 end
+local newer
+if v ~= ARGV[1] then
+  newer = greater(v, ARGV[1])
 else
-  older = ARGV[2] ~= '' and current[2] == ARGV[2] and current[3] == ARGV[3] and current[4] and greater(ARGV[4], current[4])
+  newer = t ~= '' and t == ARGV[2] and p == ARGV[3] and o ~= '' and ARGV[4] ~= '' and greater(o, ARGV[4])
 end
-if older then redis.call('DEL', KEYS[1]) return 1 end
-return 0
+if newer then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
 "#;
 
 /// One change to L2.
@@ -76,15 +80,15 @@ return 0
 pub enum L2Op<'a> {
     /// Write the item through the version guard, with this TTL in seconds (0 = none).
     Write(&'a SyncItem, u64),
-    /// Drop the id's entry if this L3 row supersedes it.
-    DropIfOlder(&'a str, &'a HeldRow),
+    /// Drop the id's entry unless it is this L3 row or newer.
+    DropIfBehind(&'a str, &'a HeldRow),
 }
 
 impl L2Op<'_> {
     pub fn id(&self) -> &str {
         match self {
             L2Op::Write(item, _) => &item.id,
-            L2Op::DropIfOlder(id, _) => id,
+            L2Op::DropIfBehind(id, _) => id,
         }
     }
 }
@@ -115,7 +119,7 @@ impl RedisStore {
             client,
             connection: std::sync::Mutex::new((connection, Instant::now())),
             script: Script::new(GUARDED_WRITE),
-            drop_script: Script::new(DROP_IF_OLDER),
+            drop_script: Script::new(DROP_IF_BEHIND),
             prefix: prefix.to_owned(),
             slots: std::sync::Mutex::new(None),
         })
@@ -176,9 +180,9 @@ impl RedisStore {
                     let command = pipeline.cmd("EVALSHA").arg(self.script.get_hash()).arg(1).arg(self.key(&item.id));
                     guarded_write_args(command, item, ttl_secs);
                 }
-                L2Op::DropIfOlder(id, row) => {
+                L2Op::DropIfBehind(id, row) => {
                     let command = pipeline.cmd("EVALSHA").arg(self.drop_script.get_hash()).arg(1).arg(self.key(id));
-                    drop_if_older_args(command, row);
+                    drop_if_behind_args(command, row);
                 }
             }
         }
@@ -217,7 +221,7 @@ impl RedisStore {
         let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
         let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
         for (host, port) in map.masters() {
-            for script in [GUARDED_WRITE, DROP_IF_OLDER] {
+            for script in [GUARDED_WRITE, DROP_IF_BEHIND] {
                 let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).clone();
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
                 connection.route_command(load, route).await.ok()?;
@@ -241,9 +245,9 @@ impl RedisStore {
                 guarded_write_args(&mut invocation, item, ttl_secs);
                 invocation
             }
-            L2Op::DropIfOlder(id, row) => {
+            L2Op::DropIfBehind(id, row) => {
                 let mut invocation = self.drop_script.key(self.key(id));
-                drop_if_older_args(&mut invocation, row);
+                drop_if_behind_args(&mut invocation, row);
                 invocation
             }
         };
@@ -360,7 +364,7 @@ fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
 }
 
 /// The drop script's arguments: L3's row version and origin.
-fn drop_if_older_args<A: Args>(target: &mut A, row: &HeldRow) {
+fn drop_if_behind_args<A: Args>(target: &mut A, row: &HeldRow) {
     let origin = row.origin.as_ref();
     target
         .push_arg(row.version.to_string())

@@ -87,6 +87,15 @@ impl SqlStore {
         }
     }
 
+    /// Why L3 would refuse this item for what it is, without asking the server: larger than
+    /// one statement may be (MySQL), or a version above 2^63-1 (SQLite).
+    pub fn refuses(&self, item: &SyncItem) -> Option<String> {
+        match self {
+            SqlStore::MySql(store) => store.refuses(item),
+            SqlStore::Sqlite(_) => sql_sqlite::refuses(item),
+        }
+    }
+
     /// The largest single item L3 can take in one statement (MySQL's `max_allowed_packet`
     /// less room for the rest of the row); `None` when unbounded.
     pub fn max_item_bytes(&self) -> Option<u64> {
@@ -241,12 +250,15 @@ where
     })
 }
 
-/// `SELECT` of what L3 holds for `rows` ids, read back inside the write's transaction.
-pub fn held_rows_sql(table: &str, rows: usize) -> String {
+/// `SELECT` of what L3 holds for `rows` ids, read back inside the write's transaction;
+/// `locking` adds `FOR UPDATE`, which InnoDB needs to read the latest committed rows rather
+/// than the transaction's REPEATABLE READ snapshot (the rows are locked by the upsert anyway).
+pub fn held_rows_sql(table: &str, rows: usize, locking: bool) -> String {
     let ids = vec!["?"; rows].join(", ");
+    let lock = if locking { " FOR UPDATE" } else { "" };
     format!(
         "SELECT id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset \
-         FROM {table} WHERE id IN ({ids})"
+         FROM {table} WHERE id IN ({ids}){lock}"
     )
 }
 

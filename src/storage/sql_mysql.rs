@@ -62,6 +62,15 @@ impl MySqlStore {
         self.max_allowed_packet.saturating_sub(ROW_OVERHEAD_BYTES)
     }
 
+    /// Refused here rather than by the server: far over the limit, the server may close the
+    /// connection mid-send, which would look like an outage instead of a rejection.
+    pub fn refuses(&self, item: &SyncItem) -> Option<String> {
+        let (size, limit) = (item.content.as_ref().map_or(0, |c| c.len()) as u64, self.max_item_bytes());
+        (size > limit).then(|| {
+            format!("item of {size} bytes is larger than the server's max_allowed_packet allows ({limit} bytes)")
+        })
+    }
+
     /// Content bytes per multi-row statement: half the packet limit leaves room for the rest.
     fn chunk_max_bytes(&self) -> usize {
         (self.max_allowed_packet / 2).min(sql::CHUNK_MAX_BYTES as u64) as usize
@@ -103,6 +112,9 @@ impl MySqlStore {
     }
 
     pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+        if let Some(why) = items.iter().find_map(|item| self.refuses(item)) {
+            return Err(StoreError::Rejected(why));
+        }
         let updated_at_ms = now_ms();
         let mut transaction = self.pool.begin().await.map_err(classify)?;
         let mut held = HeldRows::with_capacity(items.len());
@@ -125,7 +137,7 @@ impl MySqlStore {
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
             // Read back under the row locks the upsert holds: what this transaction commits.
-            let select = sql::held_rows_sql(&self.table, chunk.len());
+            let select = sql::held_rows_sql(&self.table, chunk.len(), true);
             let mut query = sqlx::query(&select);
             for item in chunk {
                 query = query.bind(item.id.as_bytes());

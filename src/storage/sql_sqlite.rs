@@ -34,6 +34,13 @@ const MIGRATIONS: [(i64, &str); 1] = [(
     )",
 )];
 
+/// SQLite integers are signed: a version above `i64::MAX` cannot be stored as is.
+pub fn refuses(item: &SyncItem) -> Option<String> {
+    i64::try_from(item.version)
+        .is_err()
+        .then(|| format!("version {} exceeds sqlite's signed 64-bit range", item.version))
+}
+
 impl SqliteStore {
     pub async fn connect(url: &str, table: &str) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
@@ -94,8 +101,8 @@ impl SqliteStore {
     }
 
     pub async fn write_batch(&self, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
-        if let Some(item) = items.iter().find(|item| i64::try_from(item.version).is_err()) {
-            return Err(StoreError::Rejected(format!("version {} exceeds sqlite's signed 64-bit range", item.version)));
+        if let Some(why) = items.iter().find_map(|item| refuses(item)) {
+            return Err(StoreError::Rejected(why));
         }
         let updated_at_ms = now_ms() as i64;
         let mut transaction = self.pool.begin().await.map_err(classify)?;
@@ -119,7 +126,7 @@ impl SqliteStore {
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
             // SQLite has one writer: the read-back sees exactly what this transaction commits.
-            let select = sql::held_rows_sql(&self.table, chunk.len());
+            let select = sql::held_rows_sql(&self.table, chunk.len(), false);
             let mut query = sqlx::query(&select);
             for item in chunk {
                 query = query.bind(item.id.as_bytes());
