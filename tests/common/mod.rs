@@ -258,48 +258,13 @@ pub async fn l2_state(
     names: &Names,
     ids: impl Iterator<Item = String>,
 ) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
-    use redis::AsyncCommands;
-    let client = redis::cluster::ClusterClient::new(redis_urls()).expect("cluster client");
-    let mut connection = client.get_async_connection().await.expect("cluster connection");
-    let mut state = BTreeMap::new();
-    for id in ids {
-        let key = format!("{}{}", names.prefix, id);
-        let fields: HashMap<String, Vec<u8>> = connection.hgetall(&key).await.expect("hgetall");
-        let entry = if fields.is_empty() {
-            None
-        } else {
-            let version = String::from_utf8(fields["v"].clone()).unwrap().parse().unwrap();
-            let deleted = fields.get("d").map(|d| d.as_slice()) == Some(b"1");
-            let hash = (!deleted).then(|| sync_engine::item::content_hash(&fields["c"]));
-            let ttl: i64 = connection.ttl(&key).await.expect("ttl");
-            Some((version, hash, ttl))
-        };
-        state.insert(id, entry);
-    }
-    state
+    l2_state_at(&redis_urls(), names, ids).await
 }
 
 /// Every expected id must be in L2 with its version and content hash (or as a tombstone),
 /// with a TTL set. Returns the mismatches.
 pub async fn compare_l2(names: &Names, workload: &Workload) -> Vec<String> {
-    let expected = workload.expected();
-    let state = l2_state(names, expected.keys().cloned()).await;
-    let mut mismatches = Vec::new();
-    for (id, got) in state {
-        let want = expected[&id];
-        match got {
-            None => mismatches.push(format!("{id}: missing from L2")),
-            Some((version, hash, ttl)) => {
-                if version != want.version || hash != want.content_hash {
-                    mismatches.push(format!("{id}: L2 has version {version}, expected {}", want.version));
-                }
-                if !(0..=3600).contains(&ttl) || ttl == 0 {
-                    mismatches.push(format!("{id}: L2 ttl {ttl}, expected 1..=3600"));
-                }
-            }
-        }
-    }
-    mismatches
+    compare_l2_at(&redis_urls(), names, workload).await
 }
 
 // ---- the worker as a child process ----
