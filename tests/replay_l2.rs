@@ -9,23 +9,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sync_engine::config::EngineConfig;
 use sync_engine::workload::{Workload, WorkloadSpec};
 
 const PARTITIONS: i32 = 4;
-
-/// Commits these offsets for the (empty) group: where the next worker starts.
-fn reset_to(names: &Names, offsets: &HashMap<i32, i64>) {
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &names.group).create().unwrap();
-    let mut list = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        list.add_partition_offset(&names.topic, *partition, Offset::Offset(*offset)).unwrap();
-    }
-    consumer.commit(&list, CommitMode::Sync).expect("offsets reset");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_from_the_middle_after_l2_expiry_leaves_l2_agreeing_with_l3() {

@@ -201,10 +201,15 @@ pub fn committed(names: &Names, partitions: i32) -> HashMap<i32, i64> {
 
 /// Commits offset 0 for every partition: a replay from the start (group must be empty).
 pub fn reset_to_earliest(names: &Names, partitions: i32) {
+    reset_to(names, &(0..partitions).map(|partition| (partition, 0)).collect());
+}
+
+/// Commits these offsets for the (empty) group: where the next worker starts.
+pub fn reset_to(names: &Names, offsets: &HashMap<i32, i64>) {
     let consumer = group_client(names);
     let mut list = TopicPartitionList::new();
-    for partition in 0..partitions {
-        list.add_partition_offset(&names.topic, partition, Offset::Offset(0)).unwrap();
+    for (partition, offset) in offsets {
+        list.add_partition_offset(&names.topic, *partition, Offset::Offset(*offset)).unwrap();
     }
     consumer.commit(&list, CommitMode::Sync).expect("offsets reset");
 }
