@@ -196,7 +196,9 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
 async fn a_record_the_dead_letter_topic_cannot_take_goes_there_without_its_value_and_the_partition_goes_on() {
     use sync_engine::workload::OutgoingRecord;
     let names = Names::new("huge");
-    create_topic(&names.topic, 1).await;
+    // The source topic takes records up to 8 MiB, the dead-letter topic keeps the broker's
+    // default (about 1 MiB), as in a deployment where the DLQ was never tuned.
+    create_topic_with(&names.topic, 1, &[("max.message.bytes", "8388608")]).await;
     create_topic(&names.dlq_topic, 1).await;
     let max_item_bytes = 64 << 10;
     let mut workload =

@@ -70,9 +70,17 @@ impl Names {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_with(name, partitions, &[]).await;
+}
+
+/// A topic with topic-level settings, e.g. `max.message.bytes` (Apache Kafka enforces it).
+pub async fn create_topic_with(name: &str, partitions: i32, settings: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (key, value) in settings {
+        topic = topic.set(key, value);
+    }
     let results = admin.create_topics([&topic], &AdminOptions::new()).await.expect("create topics request");
     for result in results {
         result.expect("topic created");
