@@ -2,16 +2,14 @@
 # Start (idempotently, loopback only) the real services the integration tests need:
 #   MariaDB            127.0.0.1:3306       -> SYNC_TEST_MYSQL_URL
 #   Redis Cluster      127.0.0.1:7000-7005  -> SYNC_TEST_REDIS_URLS  (3 masters + 3 replicas)
-#   Tansu (Kafka API)  127.0.0.1:9092       -> SYNC_TEST_KAFKA_BROKERS
-#   Apache Kafka       127.0.0.1:9094       -> SYNC_TEST_APACHE_KAFKA_BROKERS  (KRaft, one node,
+#   Apache Kafka       127.0.0.1:9094       -> SYNC_TEST_KAFKA_BROKERS (= SYNC_TEST_APACHE_KAFKA_BROKERS; KRaft, one node,
 #                      persistent log dirs; scripts/kafka.sh, jars pinned in scripts/kafka/pom.xml)
 # A service whose variable is already set is not started, only waited for (MySQL) or trusted.
 #
 # Usage:  scripts/services.sh            prints `export SYNC_TEST_...=...` lines on stdout
 #         eval "$(scripts/services.sh)"  or  source scripts/services.sh   to export them
 # Progress goes to stderr. State lives in ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}.
-# scripts/stop-services.sh stops the Redis nodes and Tansu again (MariaDB is left alone);
-# `scripts/kafka.sh stop shared` stops Apache Kafka.
+# scripts/stop-services.sh stops the Redis nodes and Apache Kafka again (MariaDB is left alone).
 
 # Sourced: run this file as a child (so `set -e` can never kill the caller's shell) and
 # export what it prints.
@@ -220,26 +218,6 @@ EOF
     log "installed $("$dir/tansu" --version) at $dir/tansu"
 }
 
-start_tansu() {
-    local dir="$SERVICES_DIR/tansu"
-    if port_open "$KAFKA_PORT"; then
-        log "Kafka broker ok (127.0.0.1:$KAFKA_PORT)"
-        return 0
-    fi
-    install_tansu
-    log "starting Tansu on 127.0.0.1:$KAFKA_PORT (memory storage)"
-    # setsid + nohup: the broker outlives this script and the shell that ran it.
-    setsid nohup "$dir/tansu" broker \
-        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --storage-engine memory://tansu/ \
-        >"$dir/tansu.log" 2>&1 </dev/null &
-    echo $! >"$dir/tansu.pid"
-    wait_for "$WAIT_SECS" "Tansu on :$KAFKA_PORT" port_open "$KAFKA_PORT" ||
-        die "Tansu did not start: see $dir/tansu.log"
-    log "Kafka broker ok (127.0.0.1:$KAFKA_PORT)"
-}
-
 # ------------------------------------------------------------------- main -----------
 start_mysql
 
@@ -250,12 +228,8 @@ else
     SYNC_TEST_REDIS_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 fi
 
-if [[ -n ${SYNC_TEST_KAFKA_BROKERS:-} ]]; then
-    log "using SYNC_TEST_KAFKA_BROKERS as given"
-else
-    start_tansu
-    SYNC_TEST_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
-fi
+# Tansu's binary only: tests/chaos_broker.rs freezes a private Tansu of its own.
+install_tansu
 
 # ----------------------------------------------------------- Apache Kafka ----------
 # The broker users run (Tansu misreports ListOffsets, cannot auto-create topics and keeps
@@ -267,6 +241,12 @@ else
     "$(dirname "${BASH_SOURCE[0]}")/kafka.sh" start "$APACHE_KAFKA_PORT" shared >/dev/null ||
         die "Apache Kafka did not start (see $SERVICES_DIR/kafka-data-shared/server.log)"
     SYNC_TEST_APACHE_KAFKA_BROKERS=127.0.0.1:$APACHE_KAFKA_PORT
+fi
+# The tests run against Apache Kafka, the broker users run.
+if [[ -n ${SYNC_TEST_KAFKA_BROKERS:-} ]]; then
+    log "using SYNC_TEST_KAFKA_BROKERS as given"
+else
+    SYNC_TEST_KAFKA_BROKERS=$SYNC_TEST_APACHE_KAFKA_BROKERS
 fi
 
 for var in SYNC_TEST_MYSQL_URL SYNC_TEST_REDIS_URLS SYNC_TEST_KAFKA_BROKERS SYNC_TEST_APACHE_KAFKA_BROKERS; do
