@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,12 +12,6 @@ use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 4;
-
-fn private_mariadb(action: &str, port: u16) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/private-mariadb.sh");
-    let status = Command::new(script).arg(action).arg(port.to_string()).status().expect("private-mariadb.sh runs");
-    assert!(status.success(), "private-mariadb.sh {action} {port} failed");
-}
 
 fn wal_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

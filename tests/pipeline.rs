@@ -84,8 +84,8 @@ async fn poison_records_go_to_the_dead_letter_topic_with_reasons_and_good_ones_l
     assert_eq!(found, poison_by_reason, "each poison record is in the dead-letter topic with its reason");
 }
 
-/// Reads `total` dead letters; checks their provenance headers; counts them by reason code.
-fn read_dead_letters(names: &Names, total: usize) -> HashMap<String, usize> {
+/// A consumer of the test's dead-letter topic, from its start.
+fn dead_letter_reader(names: &Names) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("{}-reader", names.group))
@@ -94,6 +94,12 @@ fn read_dead_letters(names: &Names, total: usize) -> HashMap<String, usize> {
         .create()
         .unwrap();
     consumer.subscribe(&[&names.dlq_topic]).unwrap();
+    consumer
+}
+
+/// Reads `total` dead letters; checks their provenance headers; counts them by reason code.
+fn read_dead_letters(names: &Names, total: usize) -> HashMap<String, usize> {
+    let consumer = dead_letter_reader(names);
     let mut by_reason = HashMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut seen = 0;
@@ -253,14 +259,7 @@ fn read_raw_dead_letters(
     names: &Names,
     total: usize,
 ) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("{}-reader", names.group))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&names.dlq_topic]).unwrap();
+    let consumer = dead_letter_reader(names);
     let mut letters = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while letters.len() < total && std::time::Instant::now() < deadline {

@@ -25,12 +25,6 @@ async fn engine(config: EngineConfig) -> SyncEngine {
     engine
 }
 
-fn private_mariadb(action: &str, port: u16) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/private-mariadb.sh");
-    let status = Command::new(script).arg(action).arg(port.to_string()).status().expect("private-mariadb.sh runs");
-    assert!(status.success(), "private-mariadb.sh {action} {port} failed");
-}
-
 /// Item 3: a table locked by another client used to hang `write_batch` (only the pool's
 /// acquire timeout existed). With a write deadline the batch counts as unavailable and
 /// settles in the WAL; it drains once the lock is gone.

@@ -407,3 +407,11 @@ pub async fn compare_l2_at(urls: &[String], names: &Names, workload: &Workload) 
     }
     mismatches
 }
+
+/// Runs `scripts/private-mariadb.sh ACTION PORT` (start, kill, remove) for a fault test's own server.
+pub fn private_mariadb(action: &str, port: u16) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/private-mariadb.sh");
+    let status =
+        std::process::Command::new(script).arg(action).arg(port.to_string()).status().expect("private-mariadb.sh runs");
+    assert!(status.success(), "private-mariadb.sh {action} {port} failed");
+}
