@@ -31,7 +31,7 @@ fn benchmarks(c: &mut Criterion) {
         b.iter(|| {
             let mut offsets = PartitionOffsets::default();
             for offset in 0..1_000 {
-                offsets.track(offset);
+                offsets.track(offset, None);
             }
             for offset in (0..1_000).rev() {
                 offsets.settle(offset);

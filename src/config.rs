@@ -73,6 +73,9 @@ pub struct KafkaConfig {
     pub revoke_deadline: Duration,
     pub memory_budget_bytes: u64,
     pub max_item_bytes: usize,
+    /// Static group membership (`group.instance.id`): a member that comes back within the
+    /// session timeout gets its partitions back without a rebalance. `None` = dynamic.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -153,6 +156,27 @@ impl Reader<'_> {
     }
 }
 
+/// `SYNC_KAFKA_INSTANCE_ID`, else `HOSTNAME`; set but empty turns static membership off.
+fn instance_id(r: &mut Reader<'_>) -> Option<String> {
+    let id = match r.vars.get("SYNC_KAFKA_INSTANCE_ID") {
+        Some(id) => id.trim().to_owned(),
+        None => r.vars.get("HOSTNAME").map(|host| host.trim().to_owned()).unwrap_or_default(),
+    };
+    if id.is_empty() {
+        return None;
+    }
+    // Kafka's own rule for instance ids (the same as for topic names).
+    let valid = id.len() <= 249 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        r.problem(
+            "SYNC_KAFKA_INSTANCE_ID",
+            "expected 1..=249 letters, digits, '.', '_' or '-' (or empty: no static membership)",
+        );
+        return None;
+    }
+    Some(id)
+}
+
 pub fn comma_list(text: &str) -> Vec<String> {
     text.split(',').map(str::trim).filter(|part| !part.is_empty()).map(String::from).collect()
 }
@@ -166,7 +190,10 @@ const GIB: u64 = 1 << 30;
 
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
-        Config::from_vars(std::env::vars().filter(|(name, _)| name.starts_with("SYNC_")).collect())
+        // HOSTNAME is the pod's name in a StatefulSet: the default static member id.
+        Config::from_vars(
+            std::env::vars().filter(|(name, _)| name.starts_with("SYNC_") || name == "HOSTNAME").collect(),
+        )
     }
 
     pub fn from_vars(vars: BTreeMap<String, String>) -> Result<Config, ConfigError> {
@@ -228,6 +255,7 @@ impl Config {
             revoke_deadline: Duration::from_millis(revoke_deadline_ms),
             memory_budget_bytes: r.number("SYNC_MEMORY_BUDGET_BYTES", 256 << 20, 4 << 20, 64 * GIB),
             max_item_bytes: r.number("SYNC_MAX_ITEM_BYTES", 1 << 20, 1, 64 << 20),
+            instance_id: instance_id(&mut r),
         };
         if kafka.max_item_bytes as u64 * 4 > kafka.memory_budget_bytes {
             r.problem("SYNC_MEMORY_BUDGET_BYTES", "must hold at least four items of SYNC_MAX_ITEM_BYTES");
@@ -302,6 +330,19 @@ mod tests {
         assert_eq!(config.kafka.topics, vec!["a", "b"]);
         assert_eq!(config.engine.batch.max_items, 1000);
         assert_eq!(config.kafka.passthrough["security.protocol"].expose(), "SASL_SSL");
+    }
+
+    #[test]
+    fn the_static_member_id_defaults_to_the_host_name_and_can_be_turned_off() {
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        assert_eq!(with(&[("HOSTNAME", "sync-engine-2")]).unwrap().kafka.instance_id.as_deref(), Some("sync-engine-2"));
+        let explicit = with(&[("HOSTNAME", "h"), ("SYNC_KAFKA_INSTANCE_ID", "pod-a")]).unwrap();
+        assert_eq!(explicit.kafka.instance_id.as_deref(), Some("pod-a"));
+        assert_eq!(with(&[("HOSTNAME", "h"), ("SYNC_KAFKA_INSTANCE_ID", "")]).unwrap().kafka.instance_id, None);
+        assert_eq!(with(&[]).unwrap().kafka.instance_id, None);
+        let bad = with(&[("SYNC_KAFKA_INSTANCE_ID", "pod a/../x")]).unwrap_err().to_string();
+        assert!(bad.contains("SYNC_KAFKA_INSTANCE_ID"), "{bad}");
     }
 
     #[test]

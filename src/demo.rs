@@ -91,6 +91,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         revoke_deadline: Duration::from_secs(5),
         memory_budget_bytes: 64 << 20,
         max_item_bytes: 64 << 10,
+        instance_id: None,
     };
     let stats = Arc::new(WorkerStats::default());
     let stop = CancellationToken::new();

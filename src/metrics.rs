@@ -27,6 +27,7 @@ pub const FLUSH_SECONDS: &str = "sync_flush_duration_seconds";
 pub const SETTLE_LATENCY_SECONDS: &str = "sync_settle_latency_seconds";
 pub const ITEM_SETTLE_SECONDS: &str = "sync_item_settle_seconds";
 pub const CONSUMER_LAG: &str = "sync_consumer_lag_records";
+pub const CONSUMER_LAG_SECONDS: &str = "sync_consumer_lag_seconds";
 pub const PAUSED_PARTITIONS: &str = "sync_paused_partitions";
 pub const BYTES_IN_FLIGHT: &str = "sync_bytes_in_flight_bytes";
 pub const MEMORY_BUDGET: &str = "sync_memory_budget_bytes";
@@ -91,7 +92,6 @@ fn describe() {
     describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Time to write one batch, by tier");
     describe_histogram!(SETTLE_LATENCY_SECONDS, Unit::Seconds, "Kafka record timestamp to settled");
     describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
-    describe_gauge!(CONSUMER_LAG, "High watermark minus committed offset, by topic and partition");
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
     describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "The configured memory budget for unsettled records");
@@ -196,12 +196,17 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD_BYTES: usize = 8192;
 
+/// Metrics rendered by their owner on every scrape instead of through the recorder, whose
+/// series never go away (the lag of the partitions a worker owns *now*).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the endpoint needs to answer a request.
 #[derive(Clone)]
 struct Endpoint {
     handle: PrometheusHandle,
     readiness: Readiness,
     probe: ReadyProbe,
+    extra: ExtraMetrics,
 }
 
 /// Serves the endpoint until `stop` is cancelled.
@@ -210,11 +215,12 @@ pub async fn serve(
     handle: PrometheusHandle,
     readiness: Readiness,
     probe: ReadyProbe,
+    extra: ExtraMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let endpoint = Endpoint { handle, readiness, probe };
+    let endpoint = Endpoint { handle, readiness, probe, extra };
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -264,7 +270,7 @@ impl Endpoint {
             return ("405 Method Not Allowed", "only GET\n".to_owned());
         }
         match path {
-            "/metrics" => ("200 OK", self.handle.render()),
+            "/metrics" => ("200 OK", self.handle.render() + &(self.extra)()),
             "/health/live" => ("200 OK", "ok\n".to_owned()),
             "/health/ready" if self.readiness.is_ready() => ("200 OK", format!("ready\n{}", (self.probe)().render())),
             "/health/ready" => ("503 Service Unavailable", format!("not ready\n{}", (self.probe)().render())),

@@ -163,10 +163,15 @@ async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_
     });
     let stop = CancellationToken::new();
     let any_port = "127.0.0.1:0".parse().unwrap();
-    let bound = sync_engine::metrics::serve(any_port, sync_engine::metrics::install(), readiness, probe, stop.clone())
-        .await
-        .expect("endpoint binds");
+    let extra: sync_engine::metrics::ExtraMetrics = Arc::new(|| "sync_extra_series 1\n".to_owned());
+    let bound =
+        sync_engine::metrics::serve(any_port, sync_engine::metrics::install(), readiness, probe, extra, stop.clone())
+            .await
+            .expect("endpoint binds");
     let port = bound.port();
+
+    let metrics = http_get(port, "/metrics").expect("metrics answer");
+    assert!(metrics.ends_with("sync_extra_series 1\n"), "the owner-rendered series follow the recorder's: {metrics}");
 
     let ready = http_get(port, "/health/ready").expect("ready answers");
     assert!(ready.starts_with("HTTP/1.0 200"), "{ready}");

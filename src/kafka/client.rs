@@ -22,8 +22,10 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Range is what Tansu's group coordinator supports.
-        .set("partition.assignment.strategy", "range")
+        // Incremental rebalances: partitions that stay with a member keep flowing while others
+        // move (eager strategies stop everyone). Override with
+        // SYNC_KAFKA_OPT_PARTITION_ASSIGNMENT_STRATEGY (e.g. `range` for brokers without it).
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("queued.max.messages.kbytes", prefetch_kbytes.to_string())
         // When the prefetch cap is reached librdkafka backs off fetching this long (default
         // 1 s, which starves a fast pipeline); the cap itself bounds memory.
@@ -31,6 +33,9 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("fetch.max.bytes", fetch_max_bytes.to_string())
         .set("max.partition.fetch.bytes", (fetch_max_bytes / 4).max(1 << 20).to_string())
         .set("statistics.interval.ms", "5000");
+    if let Some(instance_id) = &kafka.instance_id {
+        config.set("group.instance.id", instance_id);
+    }
     apply_passthrough(&mut config, kafka);
     config
 }

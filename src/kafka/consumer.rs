@@ -12,7 +12,9 @@
 //!   Lost partitions commit nothing;
 //! - counts assignment generations (one per assign) and tags every record and rebalance
 //!   event with the generation it belongs to, so the worker can tell a late revoke of an old
-//!   assignment from the partitions' current one;
+//!   assignment from the partitions' current one. A partition keeps the generation it was
+//!   assigned in for as long as it stays: with cooperative rebalancing an assign adds
+//!   partitions without revoking the others, whose unsettled records must stay tracked;
 //! - after every assign, applies the current pause decision to the whole assignment:
 //!   librdkafka clears only its own pause flag when partitions are unassigned, not the
 //!   application's, so partitions paused before a rebalance come back paused while the thread
@@ -22,8 +24,9 @@
 //!   commands (the final commit) and only leaves the group on `Stop`, dropping the consumer
 //!   here, off the async runtime (dropping blocks).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -104,18 +107,61 @@ struct WorkerContext {
     closing: AtomicBool,
     /// Set after an assignment: the pause state must be re-applied to new partitions.
     assigned: AtomicBool,
-    /// The current assignment generation, incremented on every assign.
-    generation: AtomicU64,
+    generations: Mutex<Generations>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Assignment generations: one counter, incremented on every assign, and the generation each
+/// owned partition was assigned in.
+#[derive(Debug, Default)]
+struct Generations {
+    current: Generation,
+    partitions: HashMap<TopicPartition, Generation>,
+}
+
+impl Generations {
+    /// An assign: `assignment` is the whole assignment after it. Partitions already owned keep
+    /// their generation; new ones get a new generation, above any revoke sent before.
+    fn assigned(&mut self, assignment: &[TopicPartition]) -> Generation {
+        self.current += 1;
+        let current = self.current;
+        self.partitions.retain(|tp, _| assignment.contains(tp));
+        for tp in assignment {
+            self.partitions.entry(tp.clone()).or_insert(current);
+        }
+        current
+    }
+
+    /// A revoke or loss: returns the generation to tag it with. Every partition's state is
+    /// of this generation or older, and any later assign is newer.
+    fn revoked(&mut self, partitions: &[TopicPartition]) -> Generation {
+        for tp in partitions {
+            self.partitions.remove(tp);
+        }
+        self.current
+    }
+
+    fn of(&self, topic: &Arc<str>, partition: i32) -> Generation {
+        // Not owned (a record polled in a rebalance's gap): the current generation, whose
+        // state a later revoke still covers.
+        self.partitions.get(&(topic.clone(), partition)).copied().unwrap_or(self.current)
+    }
+}
+
+impl WorkerContext {
+    fn generations(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.generations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl ClientContext for WorkerContext {
+    /// Records lag per partition; the lag board ignores partitions this worker does not own.
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
+            let topic: Arc<str> = Arc::from(topic.as_str());
             for (partition, partition_stats) in &stats.partitions {
-                // Tansu can report a high watermark that is too low: lag is clamped at zero.
-                if *partition >= 0 && partition_stats.consumer_lag >= 0 {
-                    metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(partition_stats.consumer_lag as f64);
+                if *partition >= 0 {
+                    self.stats.lag.set_records(&(topic.clone(), *partition), partition_stats.consumer_lag);
                 }
             }
         }
@@ -137,10 +183,14 @@ impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         let partitions = partitions_of(list);
-        if self.closing.load(Ordering::SeqCst) || partitions.is_empty() {
+        if partitions.is_empty() {
             return;
         }
-        let generation = self.generation.load(Ordering::SeqCst);
+        self.stats.lag.disown(&partitions);
+        let generation = self.generations().revoked(&partitions);
+        if self.closing.load(Ordering::SeqCst) {
+            return;
+        }
         if consumer.assignment_lost() {
             metrics::counter!(m::REBALANCES, "kind" => "lost").increment(1);
             tracing::warn!(partitions = partitions.len(), "partitions lost, committing nothing for them");
@@ -170,8 +220,10 @@ impl ConsumerContext for WorkerContext {
                 let assigned = consumer.assignment().map(|list| partitions_of(&list)).unwrap_or_default();
                 metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
                 tracing::info!(partitions = assigned.len(), "partitions assigned");
-                // Records polled from here on belong to the new generation.
-                let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                // Records of newly assigned partitions polled from here on belong to the new
+                // generation.
+                let generation = self.generations().assigned(&assigned);
+                self.stats.lag.own(&assigned);
                 self.assigned.store(true, Ordering::SeqCst);
                 let _ = self.events_tx.send(ConsumerEvent::Assigned { partitions: assigned, generation });
             }
@@ -203,7 +255,8 @@ pub fn start(
         revoke_deadline: kafka.revoke_deadline,
         closing: AtomicBool::new(false),
         assigned: AtomicBool::new(false),
-        generation: AtomicU64::new(0),
+        generations: Mutex::new(Generations::default()),
+        stats: stats.clone(),
     };
     let consumer: BaseConsumer<WorkerContext> = super::client::consumer_config(kafka).create_with_context(context)?;
     let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
@@ -273,7 +326,7 @@ impl PollLoop {
         let in_flight = self.bytes_in_flight.fetch_add(size, Ordering::SeqCst);
         self.stats.peak_bytes_in_flight.fetch_max(in_flight + size, Ordering::Relaxed);
         metrics::counter!(m::RECORDS_CONSUMED, "topic" => record.topic.to_string()).increment(1);
-        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        let generation = self.consumer.context().generations().of(&record.topic, record.partition);
         if self.events_tx.send(ConsumerEvent::Record { record, generation }).is_err() {
             // The worker stopped listening (shutdown): drop the record, it stays uncommitted.
             // The thread goes on serving commands: the final commit and `Stop` still come.
@@ -446,5 +499,53 @@ fn to_raw_record(message: &BorrowedMessage<'_>, topic: Arc<str>) -> RawRecord {
         key: message.key().map(Bytes::copy_from_slice),
         value: message.payload().map(Bytes::copy_from_slice),
         headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(partition: i32) -> TopicPartition {
+        (Arc::from("items"), partition)
+    }
+
+    // Cooperative rebalancing: an assign adds partitions without revoking the others. A kept
+    // partition must keep its generation, or the worker would drop its unsettled records'
+    // state at the next record and commit past them.
+    #[test]
+    fn a_partition_kept_across_an_incremental_assign_keeps_its_generation() {
+        let mut generations = Generations::default();
+        let first = generations.assigned(&[tp(0), tp(1)]);
+        let second = generations.assigned(&[tp(0), tp(1), tp(2)]);
+        assert!(second > first);
+        assert_eq!(generations.of(&tp(0).0, 0), first);
+        assert_eq!(generations.of(&tp(1).0, 1), first);
+        assert_eq!(generations.of(&tp(2).0, 2), second);
+    }
+
+    // A late revoke must only touch state of its own generation or older: a partition that
+    // comes back after it gets a newer generation.
+    #[test]
+    fn a_partition_assigned_back_after_a_revoke_gets_a_newer_generation() {
+        let mut generations = Generations::default();
+        generations.assigned(&[tp(0), tp(1)]);
+        let revoke = generations.revoked(&[tp(1)]);
+        assert!(generations.of(&tp(0).0, 0) <= revoke);
+        let back = generations.assigned(&[tp(0), tp(1)]);
+        assert!(back > revoke);
+        assert_eq!(generations.of(&tp(1).0, 1), back);
+        assert!(generations.of(&tp(0).0, 0) < back, "partition 0 stayed");
+    }
+
+    // Eager rebalancing revokes everything before every assign: every partition starts over.
+    #[test]
+    fn an_eager_rebalance_gives_every_partition_the_new_generation() {
+        let mut generations = Generations::default();
+        generations.assigned(&[tp(0), tp(1)]);
+        generations.revoked(&[tp(0), tp(1)]);
+        let next = generations.assigned(&[tp(0)]);
+        assert_eq!(generations.of(&tp(0).0, 0), next);
+        assert_eq!(generations.partitions.len(), 1);
     }
 }

@@ -1,13 +1,15 @@
 //! Everything Kafka: rdkafka types stop in this module.
 //!
 //! `consumer` (the polling thread and rebalance handling), `offsets` (the settled
-//! watermark), `worker` (the loop that turns records into settled items), `dlq` (the
-//! dead-letter producer), `client` (librdkafka settings), `producer` (publishing items per
-//! the wire contract, for the load generator, the demo and tests).
+//! watermark), `worker` (the loop that turns records into settled items), `lag` (the owned
+//! partitions' lag in records and seconds, the autoscaling signal), `dlq` (the dead-letter
+//! producer), `client` (librdkafka settings), `producer` (publishing items per the wire
+//! contract, for the load generator, the demo and tests).
 
 pub mod client;
 pub mod consumer;
 pub mod dlq;
+pub mod lag;
 pub mod offsets;
 pub mod producer;
 pub mod worker;

@@ -16,13 +16,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::kafka::lag::ConsumedTimes;
+
 /// Assignment generation: incremented by the consumer thread on every assign.
 pub type Generation = u64;
 
+/// A consumed offset not yet below the watermark.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    offset: i64,
+    settled: bool,
+    /// The record's timestamp (ms since the epoch), for the lag in seconds.
+    timestamp_ms: Option<i64>,
+}
+
 #[derive(Debug, Default)]
 pub struct PartitionOffsets {
-    /// Consumed offsets not yet below the watermark, ascending, with their settled flag.
-    pending: VecDeque<(i64, bool)>,
+    /// Consumed offsets not yet below the watermark, ascending.
+    pending: VecDeque<Pending>,
+    /// Timestamp of the last record tracked.
+    last_timestamp_ms: Option<i64>,
     /// Next offset to commit (last contiguous settled + 1).
     committable: Option<i64>,
     /// The highest offset the broker confirmed as committed.
@@ -32,22 +45,23 @@ pub struct PartitionOffsets {
 impl PartitionOffsets {
     /// Records a consumed offset. Offsets at or below one already seen are ignored (a
     /// redelivery cannot move the watermark back).
-    pub fn track(&mut self, offset: i64) -> bool {
-        let last_seen = self.pending.back().map(|(last, _)| *last).or(self.committable.map(|next| next - 1));
+    pub fn track(&mut self, offset: i64, timestamp_ms: Option<i64>) -> bool {
+        let last_seen = self.pending.back().map(|last| last.offset).or(self.committable.map(|next| next - 1));
         if last_seen.is_some_and(|last| offset <= last) {
             return false;
         }
-        self.pending.push_back((offset, false));
+        self.pending.push_back(Pending { offset, settled: false, timestamp_ms });
+        self.last_timestamp_ms = timestamp_ms.or(self.last_timestamp_ms);
         true
     }
 
     /// Marks an offset settled and advances the watermark over the contiguous settled prefix.
     pub fn settle(&mut self, offset: i64) {
-        if let Ok(index) = self.pending.binary_search_by_key(&offset, |(pending, _)| *pending) {
-            self.pending[index].1 = true;
+        if let Ok(index) = self.pending.binary_search_by_key(&offset, |pending| pending.offset) {
+            self.pending[index].settled = true;
         }
-        while let Some(&(front, true)) = self.pending.front() {
-            self.committable = Some(front + 1);
+        while let Some(front) = self.pending.front().filter(|front| front.settled) {
+            self.committable = Some(front.offset + 1);
             self.pending.pop_front();
         }
     }
@@ -71,7 +85,16 @@ impl PartitionOffsets {
     }
 
     pub fn unsettled(&self) -> usize {
-        self.pending.iter().filter(|(_, settled)| !settled).count()
+        self.pending.iter().filter(|pending| !pending.settled).count()
+    }
+
+    /// The timestamps the lag in seconds is computed from (the front of `pending` is never
+    /// settled: the settled prefix is popped).
+    pub fn consumed_times(&self) -> ConsumedTimes {
+        ConsumedTimes {
+            oldest_unsettled_ms: self.pending.front().and_then(|front| front.timestamp_ms),
+            last_consumed_ms: self.last_timestamp_ms,
+        }
     }
 }
 
@@ -95,7 +118,14 @@ impl OffsetTracker {
     /// a redelivery below the watermark, or a record of an assignment older than the one
     /// tracked. A record of a newer assignment replaces the older state: that assignment is
     /// over, whatever was pending in it is redelivered from the committed offset.
-    pub fn track(&mut self, topic: &Arc<str>, partition: i32, offset: i64, generation: Generation) -> bool {
+    pub fn track(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        generation: Generation,
+    ) -> bool {
         let tracked = self
             .partitions
             .entry((topic.clone(), partition))
@@ -106,7 +136,7 @@ impl OffsetTracker {
         if generation > tracked.generation {
             *tracked = Tracked { generation, offsets: PartitionOffsets::default() };
         }
-        tracked.offsets.track(offset)
+        tracked.offsets.track(offset, timestamp_ms)
     }
 
     /// Settles an offset; a partition no longer tracked, or tracked for another assignment
@@ -142,6 +172,11 @@ impl OffsetTracker {
                 tracked.offsets.confirm(*offset);
             }
         }
+    }
+
+    /// Each tracked partition's record timestamps, for the lag in seconds.
+    pub fn consumed_times(&self) -> Vec<(TopicPartition, ConsumedTimes)> {
+        self.partitions.iter().map(|(tp, tracked)| (tp.clone(), tracked.offsets.consumed_times())).collect()
     }
 
     /// Unsettled records of these partitions in `generation` or older.
@@ -183,7 +218,7 @@ mod tests {
     fn the_watermark_waits_for_the_oldest_unsettled_offset() {
         let mut offsets = PartitionOffsets::default();
         for offset in [5, 6, 8] {
-            offsets.track(offset);
+            offsets.track(offset, None);
         }
         offsets.settle(6);
         offsets.settle(8);
@@ -198,10 +233,10 @@ mod tests {
     #[test]
     fn a_redelivered_offset_cannot_move_the_watermark_back() {
         let mut offsets = PartitionOffsets::default();
-        offsets.track(3);
+        offsets.track(3, None);
         offsets.settle(3);
-        assert!(!offsets.track(2));
-        assert!(!offsets.track(3));
+        assert!(!offsets.track(2, None));
+        assert!(!offsets.track(3, None));
         assert_eq!(offsets.committable(), Some(4));
     }
 
@@ -209,8 +244,8 @@ mod tests {
     fn a_revoked_partition_returns_its_settled_watermark_and_forgets_the_rest() {
         let topic: Arc<str> = Arc::from("t");
         let mut tracker = OffsetTracker::default();
-        tracker.track(&topic, 0, 0, 1);
-        tracker.track(&topic, 0, 1, 1);
+        tracker.track(&topic, 0, 0, None, 1);
+        tracker.track(&topic, 0, 1, None, 1);
         tracker.settle(&topic, 0, 0, 1);
         assert_eq!(tracker.unsettled_in(&[(topic.clone(), 0)], 1), 1);
         assert_eq!(tracker.remove(&[(topic.clone(), 0)], 1), vec![((topic.clone(), 0), 1)]);
@@ -222,7 +257,7 @@ mod tests {
     fn a_commit_not_confirmed_is_offered_again_and_a_confirmed_one_is_not() {
         let topic: Arc<str> = Arc::from("t");
         let mut tracker = OffsetTracker::default();
-        tracker.track(&topic, 0, 0, 1);
+        tracker.track(&topic, 0, 0, None, 1);
         tracker.settle(&topic, 0, 0, 1);
         let due = vec![((topic.clone(), 0), 1)];
         assert_eq!(tracker.commits_due(), due);
@@ -231,7 +266,7 @@ mod tests {
         tracker.confirm(&due);
         assert!(tracker.commits_due().is_empty());
         // A late confirmation of an older offset does not hide a newer one.
-        tracker.track(&topic, 0, 1, 1);
+        tracker.track(&topic, 0, 1, None, 1);
         tracker.settle(&topic, 0, 1, 1);
         tracker.confirm(&[((topic.clone(), 0), 1)]);
         assert_eq!(tracker.commits_due(), vec![((topic.clone(), 0), 2)]);
@@ -241,13 +276,13 @@ mod tests {
     fn a_revoke_returns_every_committable_offset_even_if_a_timer_commit_took_it() {
         let topic: Arc<str> = Arc::from("t");
         let mut tracker = OffsetTracker::default();
-        tracker.track(&topic, 0, 0, 1);
+        tracker.track(&topic, 0, 0, None, 1);
         tracker.settle(&topic, 0, 0, 1);
         // A timer commit was handed to the consumer thread but is still queued behind the revoke.
         assert_eq!(tracker.commits_due().len(), 1);
         assert_eq!(tracker.remove(&[(topic.clone(), 0)], 1), vec![((topic.clone(), 0), 1)]);
         // Even once confirmed, the revoke's synchronous commit still gets the partition.
-        tracker.track(&topic, 0, 1, 2);
+        tracker.track(&topic, 0, 1, None, 2);
         tracker.settle(&topic, 0, 1, 2);
         tracker.confirm(&[((topic.clone(), 0), 2)]);
         assert_eq!(tracker.remove(&[(topic.clone(), 0)], 2), vec![((topic.clone(), 0), 2)]);
@@ -258,13 +293,13 @@ mod tests {
         let topic: Arc<str> = Arc::from("t");
         let tp = (topic.clone(), 0);
         let mut tracker = OffsetTracker::default();
-        tracker.track(&topic, 0, 10, 1);
+        tracker.track(&topic, 0, 10, None, 1);
         // Reassigned (generation 2) before the revoke of generation 1 was handled: the
         // partition restarts from its committed offset.
-        assert!(tracker.track(&topic, 0, 5, 2));
-        assert!(tracker.track(&topic, 0, 6, 2));
+        assert!(tracker.track(&topic, 0, 5, None, 2));
+        assert!(tracker.track(&topic, 0, 6, None, 2));
         // A record of generation 1 still in flight neither tracks nor settles anything.
-        assert!(!tracker.track(&topic, 0, 11, 1));
+        assert!(!tracker.track(&topic, 0, 11, None, 1));
         tracker.settle(&topic, 0, 10, 1);
         assert_eq!(tracker.unsettled_in(std::slice::from_ref(&tp), 1), 0);
         assert!(tracker.remove(std::slice::from_ref(&tp), 1).is_empty());
@@ -285,7 +320,7 @@ mod tests {
             let mut offset = 0;
             let consumed: Vec<i64> = gaps.iter().map(|gap| { offset += gap; offset }).collect();
             let mut offsets = PartitionOffsets::default();
-            for &o in &consumed { offsets.track(o); }
+            for &o in &consumed { offsets.track(o, None); }
             let mut unsettled = consumed.clone();
             for index in order {
                 if unsettled.is_empty() { break; }

@@ -37,6 +37,7 @@ use crate::config::KafkaConfig;
 use crate::decode::{decode, require_tiers, DeadLetterReason, DecodeLimits, RawRecord};
 use crate::engine::{LateRejection, SettleError, SyncEngine};
 use crate::item::{now_ms, SyncItem};
+use crate::kafka::lag::LagBoard;
 use crate::metrics as m;
 use crate::options::{SubmitOptions, Tiers};
 use crate::resilience::circuit_breaker::SharedBreaker;
@@ -58,6 +59,8 @@ pub struct WorkerStats {
     pub assigned_partitions: AtomicU64,
     /// Highest bytes-in-flight seen by the consumer thread.
     pub peak_bytes_in_flight: AtomicU64,
+    /// Lag of the owned partitions, rendered on `/metrics`.
+    pub lag: LagBoard,
 }
 
 /// A record on its way to the dead-letter topic.
@@ -327,7 +330,7 @@ impl Worker {
     /// Tracks the record, then hands it to the engine or to the dead-letter topic.
     async fn on_record(&mut self, record: RawRecord, generation: Generation) {
         self.stats.consumed.fetch_add(1, Ordering::Relaxed);
-        if !self.tracker.track(&record.topic, record.partition, record.offset, generation) {
+        if !self.tracker.track(&record.topic, record.partition, record.offset, record.timestamp_ms, generation) {
             // A redelivery below the watermark (already settled once), or a record of an
             // assignment this worker has since been given again.
             self.release(&record);
@@ -458,7 +461,11 @@ impl Worker {
 
     /// Offers every committable offset the broker has not confirmed yet (a failed commit is
     /// simply offered again next time).
+    /// Sends the offsets due (and refreshes the lag in seconds, on the same cadence).
     fn commit(&mut self, commands_tx: &Sender<ConsumerCommand>, sync: bool) {
+        for (tp, times) in self.tracker.consumed_times() {
+            self.stats.lag.set_consumed(&tp, times);
+        }
         let offsets = self.tracker.commits_due();
         if !offsets.is_empty() {
             self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -614,6 +621,7 @@ mod tests {
             revoke_deadline: Duration::from_millis(300),
             memory_budget_bytes: 64 << 20,
             max_item_bytes: 1 << 20,
+            instance_id: None,
         };
         let dlq = DeadLetterProducer::new(&kafka).expect("dead-letter producer");
         Worker::new(&kafka, Arc::new(engine), dlq, Arc::default(), Arc::new(AtomicU64::new(0)))

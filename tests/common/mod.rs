@@ -150,6 +150,7 @@ pub fn kafka_config(names: &Names) -> KafkaConfig {
         revoke_deadline: Duration::from_secs(4),
         memory_budget_bytes: 64 << 20,
         max_item_bytes: 64 << 10,
+        instance_id: None,
     }
 }
 
