@@ -18,3 +18,4 @@ cargo test --locked --no-fail-fast -- --test-threads=4
 
 echo "test: embedded demo (20,000 items) must pass its own check" >&2
 cargo run --locked --quiet -- demo --items 20000 --quiet
+SYNC_ENGINE_BIN=target/debug/sync-engine scripts/check-deploy.sh
