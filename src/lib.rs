@@ -16,7 +16,7 @@
 //! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
 //! | `metrics` | every metric name, `/metrics`, `/health/live`, `/health/ready` |
-//! | `demo`, `produce`, `inspect` | the embedded demo, the load generator, committed offsets (CLI) |
+//! | `demo`, `produce`, `inspect`, `replay` | the embedded demo, the load generator, committed offsets, moving a group's offsets for a replay (CLI) |
 //!
 //! # Glossary
 //!
@@ -52,6 +52,7 @@ pub mod metrics;
 pub mod options;
 pub mod pressure;
 pub mod produce;
+pub mod replay;
 pub mod resilience;
 pub mod storage;
 pub mod workload;

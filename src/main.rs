@@ -1,7 +1,8 @@
 //! The `sync-engine` command: CLI wiring only.
 //!
 //! `run` (the worker, configured by `SYNC_*` env vars), `demo` (the embedded main job),
-//! `produce` (the load generator), `offsets` (a group's committed offsets), `ceiling` (the raw MariaDB ceiling for the benchmark).
+//! `produce` (the load generator), `offsets` (a group's committed offsets), `replay` (move a stopped
+//! group's committed offsets so the workers re-read a range), `ceiling` (the raw MariaDB ceiling for the benchmark).
 
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
@@ -32,6 +33,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print a consumer group's committed offsets without joining it.
     Offsets(sync_engine::inspect::OffsetsArgs),
+    /// Move a stopped consumer group's committed offsets so the workers re-read a range (safe: every tier is version-guarded).
+    Replay(sync_engine::replay::ReplayArgs),
     /// Measure the raw MariaDB ceiling: plain multi-row upserts, no version guard.
     Ceiling(sync_engine::storage::ceiling::CeilingArgs),
 }
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => run_demo(args).await,
             Command::Produce(args) => produce::run(args).await.map(|_| ExitCode::SUCCESS),
             Command::Offsets(args) => sync_engine::inspect::run(args).map(|()| ExitCode::SUCCESS),
+            Command::Replay(args) => sync_engine::replay::run(args).map(|()| ExitCode::SUCCESS),
             Command::Ceiling(args) => sync_engine::storage::ceiling::run(args).await.map(|_| ExitCode::SUCCESS),
         }
     });
