@@ -86,7 +86,7 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 exec 9>&-
-say "tools: $("$TOOLS/venv/bin/kubernetes-validate" --version 2>&1 | head -n1), check-jsonschema $("$TOOLS/venv/bin/check-jsonschema" --version | awk '{print $NF}'), $(promtool --version 2>&1 | head -n1 | cut -d' ' -f1-3), node $(node --version) ($((SECONDS - START)) s)"
+say "tools: kubernetes-validate $("$TOOLS/venv/bin/kubernetes-validate" --version 2>&1 | head -n1), check-jsonschema $("$TOOLS/venv/bin/check-jsonschema" --version | awk '{print $NF}'), $(promtool --version 2>&1 | head -n1 | cut -d' ' -f1-3), node $(node --version) ($((SECONDS - START)) s)"
 
 # ----------------------------------------------------------- 1. Kubernetes --------------
 say "1. deploy/k8s: Kubernetes schemas (strict), CRD schemas, cross-references"

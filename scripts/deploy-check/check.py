@@ -547,7 +547,8 @@ def cmd_live(base, job, produced):
         check(False, f"the worker exports {name}, which src/metrics.rs does not declare (or the suffix rule is wrong)")
     required = {"sync_records_consumed_total", "sync_items_settled_total", "sync_settle_latency_seconds_bucket",
                 "sync_flush_duration_seconds_count", "sync_offsets_committed_total", "sync_circuit_state",
-                "sync_wal_bytes", "sync_memory_budget_bytes", "sync_dead_lettered_total"}
+                "sync_wal_bytes", "sync_memory_budget_bytes", "sync_dead_lettered_total",
+                "sync_consumer_lag_records", "sync_consumer_lag_seconds"}
     for name in sorted(required - scraped):
         check(False, f"Prometheus has no {name} series after the run")
     say(f"scraped {len(sync_scraped)} sync_* names, all declared in src/metrics.rs; the {len(required)} expected after a run are there")
@@ -570,6 +571,17 @@ def cmd_live(base, job, produced):
         ok, answer = instant(base, rule["expr"])
         check(ok, f"alert {rule['alert']}: Prometheus refused its expression: {answer.get('error')}")
     say(f"all {len(dashboard_targets())} dashboard queries and {len(alert_rules())} alert expressions evaluate")
+
+    # The KEDA trigger's query, as written, answers one number (the replica count derives from it).
+    for _, doc in manifests("deploy/k8s"):
+        if doc.get("kind") == "ScaledObject":
+            for trigger in doc["spec"]["triggers"]:
+                query = trigger["metadata"]["query"]
+                ok, answer = instant(base, query)
+                result = answer.get("data", {}).get("result", []) if ok else []
+                check(ok and len(result) == 1, f"scaledobject: {query!r} should give one sample, got {answer.get('error') or result}")
+                if ok and len(result) == 1:
+                    say(f"the ScaledObject's query {query!r} answers {float(result[0]['value'][1]):g}")
 
     deadline = time.time() + 20
     while time.time() < deadline:
