@@ -454,7 +454,14 @@ pub fn client(brokers: &str, group: &str) -> anyhow::Result<BaseConsumer> {
         config.set(property, value);
     }
     config.set("group.id", group).set("enable.auto.commit", "false").set("allow.auto.create.topics", "false");
-    Ok(config.create().context("cannot create the Kafka client")?)
+    config.create().map_err(|error| match error {
+        // rdkafka's message repeats the value, which may be a password: name the property only.
+        rdkafka::error::KafkaError::ClientConfig(_, description, property, value) => anyhow!(
+            "cannot create the Kafka client: invalid librdkafka setting {property:?} (value not shown): {}",
+            if value.is_empty() { description } else { description.replace(&value, "***") }
+        ),
+        other => anyhow!("cannot create the Kafka client: {other}"),
+    })
 }
 
 /// `SYNC_KAFKA_OPT_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`, like the worker, minus
