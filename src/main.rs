@@ -95,7 +95,10 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     // The endpoint answers /health/live while the engine connects; the probe sees it later.
     let started_engine = Arc::new(OnceLock::new());
     let probe = ready_probe(started_engine.clone());
-    let bound = metrics::serve(config.metrics_addr, handle, readiness.clone(), probe, stop.child_token()).await?;
+    let stats = Arc::new(WorkerStats::default());
+    let lag_source = stats.clone();
+    let lag: metrics::ExtraMetrics = Arc::new(move || lag_source.lag.render(sync_engine::kafka::lag::now_ms()));
+    let bound = metrics::serve(config.metrics_addr, handle, readiness.clone(), probe, lag, stop.child_token()).await?;
     tracing::info!(%bound, "metrics and health endpoint listening");
     let mut engine = SyncEngine::new(config.engine.clone(), watch::channel(config.engine.clone()).1);
     engine.start().await?;
@@ -113,7 +116,7 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     });
     let grace = config.shutdown_grace;
     let result =
-        worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, Arc::new(WorkerStats::default())).await;
+        worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, stats).await;
     readiness.set(false);
     let left = stopped_at.get().map_or(grace, |at| grace.saturating_sub(at.elapsed()));
     // The engine's own grace ends a little earlier, so its abort step still fits in `left`.
