@@ -102,7 +102,8 @@ pid_of() {
     dir=$(data_dir "$1")
     pid=$(cat "$dir/kafka.pid" 2>/dev/null) || return 1
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "kafka.Kafka $dir/server.properties" || return 1
+    # (Braces: a failed redirection's message comes from the shell, before a 2> on the command.)
+    { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q "kafka.Kafka $dir/server.properties" || return 1
     echo "$pid"
 }
 
