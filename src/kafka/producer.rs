@@ -75,7 +75,7 @@ pub async fn publish_all(
     mut on_sent: impl FnMut(),
 ) -> Result<EndOffsets, String> {
     use futures::stream::FuturesUnordered;
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
 
     let started = tokio::time::Instant::now();
     let mut in_flight = FuturesUnordered::new();
@@ -93,6 +93,14 @@ pub async fn publish_all(
             }
         }
         in_flight.push(async move { producer.send(&record).await });
+        // A send does nothing until polled: poll the new one now (it hands the record to
+        // librdkafka) and collect the finished ones, or paced records would sit unsent until
+        // MAX_IN_FLIGHT of them piled up.
+        while let Some(Some(result)) = in_flight.next().now_or_never() {
+            let (partition, offset) = result?;
+            ends.record(partition, offset);
+            on_sent();
+        }
     }
     while let Some(result) = in_flight.next().await {
         let (partition, offset) = result?;
