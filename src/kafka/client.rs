@@ -49,7 +49,13 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("message.max.bytes", (kafka.max_item_bytes + (64 << 10)).max(1 << 20).to_string());
     apply_passthrough(&mut config, kafka);
     // Consumer-only passthrough settings would only produce warnings on a producer.
-    for consumer_only in ["session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms", "group.instance.id"] {
+    for consumer_only in [
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "group.instance.id",
+        "partition.assignment.strategy",
+    ] {
         config.remove(consumer_only);
     }
     config
