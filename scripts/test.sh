@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs/starts what the tests need (idempotently, loopback only) and runs every test:
 # unit and property tests, and the integration tests against real MariaDB, a real Redis
-# Cluster and a real Kafka-protocol broker (Tansu), then the embedded demo's own check.
+# Cluster and Apache Kafka, then the embedded demo's own check, then the deployment files'
+# check (scripts/check-deploy.sh: manifests, alert rules, dashboard, a real Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

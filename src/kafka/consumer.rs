@@ -22,7 +22,8 @@
 //! - commits the offsets the worker sends and reports each successful commit back (an
 //!   offset counts as committed only then); at shutdown it stops fetching, keeps serving
 //!   commands (the final commit) and only leaves the group on `Stop`, dropping the consumer
-//!   here, off the async runtime (dropping blocks).
+//!   here, off the async runtime (dropping blocks). A static member (`group.instance.id`)
+//!   closes without leaving: its partitions wait for it until the session timeout.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
