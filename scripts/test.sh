@@ -19,4 +19,13 @@ cargo test --locked --no-fail-fast -- --test-threads=4
 
 echo "test: embedded demo (20,000 items) must pass its own check" >&2
 cargo run --locked --quiet -- demo --items 20000 --quiet
+
+echo "test: the library quick start (examples/quickstart.rs): standalone Redis + MariaDB, Redis Cluster + SQLite" >&2
+SYNC_QUICKSTART_REDIS_URL="$SYNC_TEST_REDIS_STANDALONE_URL" SYNC_QUICKSTART_SQL_URL="$SYNC_TEST_MYSQL_URL" \
+    cargo run --locked --quiet --example quickstart
+quickstart_dir=$(mktemp -d)
+SYNC_QUICKSTART_REDIS_URL="${SYNC_TEST_REDIS_URLS%%,*}" SYNC_QUICKSTART_SQL_URL="sqlite://$quickstart_dir/items.db?mode=rwc" \
+    cargo run --locked --quiet --example quickstart
+rm -rf "$quickstart_dir"
+
 SYNC_ENGINE_BIN=target/debug/sync-engine scripts/check-deploy.sh

@@ -27,6 +27,19 @@ impl Secret {
     }
 }
 
+/// `Some("mysql://…".into())` in a config literal.
+impl From<&str> for Secret {
+    fn from(value: &str) -> Secret {
+        Secret(value.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
@@ -78,10 +91,13 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
 }
 
+/// Everything the library engine needs: which tiers, where, and how it batches. `Default`
+/// is an engine with L1 only; set `redis_url` and/or `sql_url` for L2 and L3.
 #[derive(Clone, Debug)]
-pub struct EngineConfig {
-    /// Redis Cluster seed nodes; empty means no L2.
-    pub redis_urls: Vec<Secret>,
+pub struct SyncEngineConfig {
+    /// L2: a Redis URL (`redis://host:port`, standalone or any Cluster node), or a comma list
+    /// of Cluster seed nodes; `None` means no L2.
+    pub redis_url: Option<Secret>,
     pub redis_prefix: String,
     pub redis_ttl_secs: u64,
     /// `mysql://…` or `sqlite://…`; `None` means no L3.
@@ -101,12 +117,14 @@ pub struct EngineConfig {
     /// The largest item the caller accepts (`SYNC_MAX_ITEM_BYTES`), checked at start against
     /// what L3 can store in one row; `None` = not checked.
     pub max_item_bytes: Option<u64>,
+    /// How long `shutdown()` waits for accepted items to settle before abandoning them.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub kafka: KafkaConfig,
-    pub engine: EngineConfig,
+    pub engine: SyncEngineConfig,
     pub metrics_addr: SocketAddr,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -203,8 +221,8 @@ impl Config {
         if !sql_url.is_empty() && !sql_url.starts_with("mysql://") && !sql_url.starts_with("sqlite:") {
             r.problem("SYNC_SQL_URL", "expected mysql://… or sqlite:… (value not shown)");
         }
-        let redis_urls: Vec<Secret> = comma_list(&r.text("SYNC_REDIS_URLS", "")).into_iter().map(Secret).collect();
-        if redis_urls.iter().any(|url| !(url.0.starts_with("redis://") || url.0.starts_with("rediss://"))) {
+        let redis_urls = comma_list(&r.text("SYNC_REDIS_URLS", ""));
+        if redis_urls.iter().any(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
             r.problem("SYNC_REDIS_URLS", "every entry must start with redis:// or rediss:// (values not shown)");
         }
         let sql_table = r.text("SYNC_SQL_TABLE", "sync_items");
@@ -260,8 +278,9 @@ impl Config {
         if kafka.max_item_bytes as u64 * 4 > kafka.memory_budget_bytes {
             r.problem("SYNC_MEMORY_BUDGET_BYTES", "must hold at least four items of SYNC_MAX_ITEM_BYTES");
         }
-        let engine = EngineConfig {
-            redis_urls,
+        let shutdown_grace = Duration::from_millis(r.number("SYNC_SHUTDOWN_GRACE_MS", 30_000, 100, 3_600_000));
+        let engine = SyncEngineConfig {
+            redis_url: (!redis_urls.is_empty()).then(|| Secret(redis_urls.join(","))),
             redis_prefix,
             redis_ttl_secs: r.number("SYNC_REDIS_TTL_SECS", 0, 0, crate::decode::MAX_TTL_SECS),
             sql_url: Some(Secret(sql_url)),
@@ -274,14 +293,9 @@ impl Config {
             breaker_cool_down: Duration::from_millis(r.number("SYNC_BREAKER_COOLDOWN_MS", 2_000, 10, 600_000)),
             sql_write_timeout: Duration::from_millis(r.number("SYNC_SQL_WRITE_TIMEOUT_MS", 5_000, 100, 600_000)),
             max_item_bytes: Some(kafka.max_item_bytes as u64),
+            shutdown_grace,
         };
-        let config = Config {
-            kafka,
-            engine,
-            metrics_addr,
-            shutdown_grace: Duration::from_millis(r.number("SYNC_SHUTDOWN_GRACE_MS", 30_000, 100, 3_600_000)),
-            log_format,
-        };
+        let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format };
         if r.problems.is_empty() {
             Ok(config)
         } else {
@@ -290,11 +304,10 @@ impl Config {
     }
 }
 
-impl EngineConfig {
-    /// An engine with no L2 and no L3 configured (tests and embedding fill in what they need).
-    pub fn in_memory() -> EngineConfig {
-        EngineConfig {
-            redis_urls: Vec::new(),
+impl Default for SyncEngineConfig {
+    fn default() -> SyncEngineConfig {
+        SyncEngineConfig {
+            redis_url: None,
             redis_prefix: "sync:".into(),
             redis_ttl_secs: 0,
             sql_url: None,
@@ -307,7 +320,20 @@ impl EngineConfig {
             breaker_cool_down: Duration::from_secs(2),
             sql_write_timeout: Duration::from_secs(5),
             max_item_bytes: None,
+            shutdown_grace: Duration::from_secs(30),
         }
+    }
+}
+
+impl SyncEngineConfig {
+    /// An engine with no L2 and no L3 configured (tests and embedding fill in what they need).
+    pub fn in_memory() -> SyncEngineConfig {
+        SyncEngineConfig::default()
+    }
+
+    /// The L2 URLs: one, or the Cluster seed nodes.
+    pub fn redis_urls(&self) -> Vec<String> {
+        self.redis_url.as_ref().map(|urls| comma_list(urls.expose())).unwrap_or_default()
     }
 }
 

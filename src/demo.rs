@@ -17,7 +17,7 @@ use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EngineConfig, KafkaConfig, Secret};
+use crate::config::{KafkaConfig, Secret, SyncEngineConfig};
 use crate::kafka::producer::{publish_all, ItemProducer};
 use crate::kafka::worker::{self, WorkerStats};
 use crate::storage::RowSummary;
@@ -71,10 +71,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     cluster.create_topic(DLQ_TOPIC, 1, 1)?;
     let brokers = cluster.bootstrap_servers();
     let dir = tempfile::tempdir()?;
-    let engine_config = EngineConfig {
+    let engine_config = SyncEngineConfig {
         sql_url: Some(Secret::new(format!("sqlite://{}", dir.path().join("demo.db").display()))),
         wal_dir: Some(dir.path().join("wal")),
-        ..EngineConfig::in_memory()
+        ..SyncEngineConfig::in_memory()
     };
     let mut engine = SyncEngine::new(engine_config.clone(), watch::channel(engine_config).1);
     engine.start().await?;
@@ -142,7 +142,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         Some(future) => future.await?,
         None => Vec::new(),
     };
-    engine.shutdown(Duration::from_secs(10)).await;
+    engine.shutdown_within(Duration::from_secs(10)).await;
     // Producers first: a client outliving the mock broker logs "all brokers down".
     drop(producer);
     drop(cluster);

@@ -82,12 +82,14 @@ impl SyncItem {
         }
     }
 
-    /// A JSON upsert versioned with the current time in milliseconds.
-    pub fn from_json(id: impl Into<String>, value: &serde_json::Value) -> SyncItem {
+    /// A JSON upsert versioned with the current time in milliseconds. Takes the value or a
+    /// reference to it. (`id` is a `String`, not `impl Into<String>`, so the seed's
+    /// `SyncItem::from_json("…".into(), json!(…))` infers its type.)
+    pub fn from_json(id: String, value: impl std::borrow::Borrow<serde_json::Value>) -> SyncItem {
         SyncItem {
-            id: id.into(),
+            id,
             version: now_ms(),
-            content: Some(Bytes::from(value.to_string())),
+            content: Some(Bytes::from(value.borrow().to_string())),
             content_type: ContentType::Json,
             origin: None,
         }

@@ -57,7 +57,7 @@ pub mod resilience;
 pub mod storage;
 pub mod workload;
 
-pub use config::{Config, EngineConfig};
+pub use config::{Config, SyncEngineConfig};
 pub use engine::{EngineError, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};

@@ -115,13 +115,12 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
         let _ = stop_watch.1.set(tokio::time::Instant::now());
     });
     let grace = config.shutdown_grace;
-    let result =
-        worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, stats).await;
+    let result = worker::run(config.kafka.clone(), engine.clone(), stop.clone(), grace, stats).await;
     readiness.set(false);
     let left = stopped_at.get().map_or(grace, |at| grace.saturating_sub(at.elapsed()));
     // The engine's own grace ends a little earlier, so its abort step still fits in `left`.
     let engine_grace = left.saturating_sub(left / 5);
-    if tokio::time::timeout(left, engine.shutdown(engine_grace)).await.is_err() {
+    if tokio::time::timeout(left, engine.shutdown_within(engine_grace)).await.is_err() {
         tracing::error!("the engine did not stop within the grace period; exiting anyway");
         stop.cancel();
         return Err(anyhow::anyhow!("grace period ended before the engine stopped"));

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::config::{EngineConfig, Secret};
+use sync_engine::config::{SyncEngineConfig, Secret};
 use sync_engine::demo::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::workload::Workload;
@@ -29,7 +29,7 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     let url = format!("mysql://root@127.0.0.1:{port}/test");
     let wal_dir = tempfile::tempdir().unwrap();
     create_topic(&names.topic, PARTITIONS).await;
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         sql_url: Some(Secret::new(url.clone())),
         wal_dir: Some(wal_dir.path().to_owned()),
         breaker_failures: 1,

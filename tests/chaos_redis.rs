@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::config::{EngineConfig, Secret};
+use sync_engine::config::{Secret, SyncEngineConfig};
 use sync_engine::demo::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::workload::Workload;
@@ -100,8 +100,7 @@ async fn a_killed_redis_master_fails_over_l3_stays_exact_and_l2_converges() {
     assert!(cluster.ok_without(None), "the cluster must be whole before the test");
     let master = cluster.master_with_replica();
     let pid = process_id(master);
-    let config =
-        EngineConfig { redis_urls: cluster.urls().into_iter().map(Secret::new).collect(), ..engine_config(&names) };
+    let config = SyncEngineConfig { redis_url: Some(Secret::new(cluster.urls().join(","))), ..engine_config(&names) };
 
     let worker = InProcessWorker::start_with(config, kafka_config(&names)).await;
     let mut workload = Workload::new(spec(&names, 15_000, 4_000));

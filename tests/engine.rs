@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use common::*;
 use sync_engine::storage::redis::RedisStore;
-use sync_engine::{CacheTtl, EngineConfig, SubmitOptions, SyncEngine, SyncItem, Tier, Tiers};
+use sync_engine::{CacheTtl, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers};
 use tokio::sync::watch;
 
-async fn engine(config: EngineConfig) -> SyncEngine {
+async fn engine(config: SyncEngineConfig) -> SyncEngine {
     let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
     engine.start().await.expect("engine starts");
     engine
@@ -20,10 +20,10 @@ async fn engine(config: EngineConfig) -> SyncEngine {
 async fn reads_fall_back_from_l1_to_l2_to_l3_and_fill_the_faster_tiers() {
     let names = Names::new("engine_get");
     let writer = engine(engine_config(&names)).await;
-    let item = SyncItem::from_json("uk.nhs.patient.1", &serde_json::json!({"name": "Ada"})).with_version(10);
+    let item = SyncItem::from_json("uk.nhs.patient.1".into(), &serde_json::json!({"name": "Ada"})).with_version(10);
     assert_eq!(writer.submit(item.clone()).await.unwrap(), Tier::L3);
     assert_eq!(writer.get("uk.nhs.patient.1").await.unwrap().unwrap().content_as_json().unwrap()["name"], "Ada");
-    writer.shutdown(Duration::from_secs(5)).await;
+    writer.shutdown_within(Duration::from_secs(5)).await;
 
     // A fresh engine has an empty L1: the read comes from L2.
     let reader = engine(engine_config(&names)).await;
@@ -40,8 +40,8 @@ async fn reads_fall_back_from_l1_to_l2_to_l3_and_fill_the_faster_tiers() {
     assert_eq!(third.get("uk.nhs.patient.1").await.unwrap().expect("found in L3").version, 10);
     assert_eq!(redis.get("uk.nhs.patient.1").await.unwrap().expect("L2 refilled").version, 10);
     assert!(third.get("uk.nhs.patient.missing").await.unwrap().is_none());
-    third.shutdown(Duration::from_secs(5)).await;
-    reader.shutdown(Duration::from_secs(5)).await;
+    third.shutdown_within(Duration::from_secs(5)).await;
+    reader.shutdown_within(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +55,7 @@ async fn an_older_version_never_wins_and_a_delete_is_a_versioned_tombstone() {
     assert!(engine.get("a.b").await.unwrap().is_none());
     // A replayed older upsert cannot resurrect it, in L3 or in L2.
     engine.submit(SyncItem::new("a.b", b"old".to_vec()).with_version(5)).await.unwrap();
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
     let rows = l3_rows(&names).await;
     assert_eq!(rows.len(), 1);
     assert!(rows[0].deleted && rows[0].version > 5);
@@ -76,7 +76,7 @@ async fn tiers_route_items_and_ttls_reach_l2() {
     assert_eq!(engine.submit_with(SyncItem::new("only.l1", b"y".to_vec()), l1_only).await.unwrap(), Tier::L1);
     let forever = SubmitOptions { redis_ttl: CacheTtl::Forever, ..SubmitOptions::default() };
     engine.submit_with(SyncItem::new("forever", b"z".to_vec()), forever).await.unwrap();
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
 
     let ids = ["only.l2", "only.l1", "forever"].map(String::from);
     let l2 = l2_state(&names, ids.into_iter()).await;
@@ -91,10 +91,10 @@ async fn tiers_route_items_and_ttls_reach_l2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_every_accepted_item() {
     let names = Names::new("engine_shutdown");
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         batch: sync_engine::batch::BatchLimits {
             max_delay: Duration::from_secs(60),
-            ..EngineConfig::in_memory().batch
+            ..SyncEngineConfig::in_memory().batch
         },
         ..engine_config(&names)
     };
@@ -106,7 +106,7 @@ async fn shutdown_flushes_every_accepted_item() {
         );
     }
     // The batch is far from full and its age limit is a minute: only shutdown flushes it.
-    engine.shutdown(Duration::from_secs(10)).await;
+    engine.shutdown_within(Duration::from_secs(10)).await;
     for receipt in receipts {
         assert_eq!(receipt.await, Ok(Tier::L3));
     }
@@ -121,11 +121,11 @@ async fn shutdown_flushes_every_accepted_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_l2_expiry_an_older_replay_l3_refuses_never_reaches_l1_or_l2() {
     let names = Names::new("engine_stale_l2");
-    let config = EngineConfig { redis_ttl_secs: 1, ..engine_config(&names) };
+    let config = SyncEngineConfig { redis_ttl_secs: 1, ..engine_config(&names) };
     let writer = engine(config.clone()).await;
     writer.submit(SyncItem::new("p.upserted", b"new".to_vec()).with_version(5)).await.unwrap();
     writer.submit(SyncItem::tombstone("p.deleted", 5)).await.unwrap();
-    writer.shutdown(Duration::from_secs(5)).await;
+    writer.shutdown_within(Duration::from_secs(5)).await;
     let redis = RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap();
     assert!(wait_until_gone(&redis, &["p.upserted", "p.deleted"]).await, "L2 entries expire after 1 s");
 
@@ -146,7 +146,7 @@ async fn after_l2_expiry_an_older_replay_l3_refuses_never_reaches_l1_or_l2() {
     let read = replayer.get("p.upserted").await.unwrap().expect("the newest upsert is readable");
     assert_eq!((read.version, read.content.as_deref()), (5, Some(&b"new"[..])), "L1 answered a version L3 refused");
     assert!(replayer.get("p.deleted").await.unwrap().is_none(), "a delete was resurrected by an older upsert");
-    replayer.shutdown(Duration::from_secs(5)).await;
+    replayer.shutdown_within(Duration::from_secs(5)).await;
 }
 
 /// Waits until none of these ids is in L2 (their TTL passed).

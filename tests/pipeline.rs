@@ -153,8 +153,8 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
     let mut ends = sync_engine::kafka::producer::publish_all(&producer, first_part, 0, || {}).await.unwrap();
 
     // Small batches keep the first worker busy, so the rebalance lands while it holds items.
-    let slow = sync_engine::config::EngineConfig {
-        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::EngineConfig::in_memory().batch },
+    let slow = sync_engine::config::SyncEngineConfig {
+        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
         ..engine_config(&names)
     };
     let first = InProcessWorker::start_with(slow, kafka_config(&names)).await;

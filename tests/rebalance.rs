@@ -13,9 +13,9 @@ use sync_engine::workload::{Workload, WorkloadSpec};
 const PARTITIONS: i32 = 4;
 
 /// Small batches keep a worker busy, so its backlog stays in flight.
-fn slow_engine(names: &Names) -> sync_engine::EngineConfig {
-    sync_engine::config::EngineConfig {
-        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::EngineConfig::in_memory().batch },
+fn slow_engine(names: &Names) -> sync_engine::SyncEngineConfig {
+    sync_engine::config::SyncEngineConfig {
+        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
         ..engine_config(names)
     }
 }
@@ -51,7 +51,7 @@ async fn a_worker_paused_at_a_revoke_resumes_the_partitions_it_gets_back() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(first.stats.pauses.load(Ordering::Relaxed) > 0, "with L3 locked the first worker pauses");
 
-    let second = InProcessWorker::start_with(sync_engine::EngineConfig::in_memory(), kafka).await;
+    let second = InProcessWorker::start_with(sync_engine::SyncEngineConfig::in_memory(), kafka).await;
     // The revoke begins within a few heartbeats and waits (up to its deadline) for the
     // first worker's items; they settle once the table is unlocked.
     tokio::time::sleep(Duration::from_secs(8)).await;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use sync_engine::config::EngineConfig;
+use sync_engine::config::SyncEngineConfig;
 use sync_engine::workload::{Workload, WorkloadSpec};
 
 const PARTITIONS: i32 = 4;
@@ -22,7 +22,7 @@ async fn a_replay_from_the_middle_after_l2_expiry_leaves_l2_agreeing_with_l3() {
     // first half while an older one comes after the middle, which the replay delivers alone.
     let mut workload = Workload::new(WorkloadSpec { out_of_order_share: 0.5, ..spec(&names, 6_000, 2_000) });
     let ends = produce(&names, &mut workload).await;
-    let config = EngineConfig { redis_ttl_secs: 2, ..engine_config(&names) };
+    let config = SyncEngineConfig { redis_ttl_secs: 2, ..engine_config(&names) };
 
     let first = InProcessWorker::start_with(config.clone(), kafka_config(&names)).await;
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(60)).await;

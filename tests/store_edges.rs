@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sqlx::{Connection, Executor};
-use sync_engine::config::{EngineConfig, Secret};
+use sync_engine::config::{Secret, SyncEngineConfig};
 use sync_engine::resilience::wal::{Failpoints, WalConfig, WriteAheadLog};
 use sync_engine::storage::sql::classify;
 use sync_engine::storage::StoreError;
 use sync_engine::{CacheTtl, SettleError, SubmitOptions, SyncEngine, SyncItem, Tier, Tiers};
 use tokio::sync::watch;
 
-async fn engine(config: EngineConfig) -> SyncEngine {
+async fn engine(config: SyncEngineConfig) -> SyncEngine {
     let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
     engine.start().await.expect("engine starts");
     engine
@@ -31,7 +31,7 @@ async fn engine(config: EngineConfig) -> SyncEngine {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_table_times_the_write_out_into_the_wal_and_it_drains_after() {
     let names = Names::new("edge_locked");
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         sql_write_timeout: Duration::from_millis(1_000),
         wal_dir: Some(names.wal_dir()),
         breaker_failures: 1,
@@ -60,7 +60,7 @@ async fn a_locked_table_times_the_write_out_into_the_wal_and_it_drains_after() {
     })
     .await;
     assert!(drained, "the WAL drains into L3 once the lock is released");
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
 }
 
 /// Item 3: InnoDB lock-wait timeouts (1205) and deadlocks (1213) say nothing about the
@@ -111,7 +111,7 @@ async fn an_item_over_max_allowed_packet_is_rejected_alone_and_the_rest_lands() 
     let mut admin = sqlx::MySqlConnection::connect(&url).await.unwrap();
     admin.execute("SET GLOBAL max_allowed_packet = 524288").await.unwrap();
     drop(admin);
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         sql_url: Some(Secret::new(url.clone())),
         wal_dir: Some(names.wal_dir()),
         breaker_failures: 1,
@@ -134,7 +134,7 @@ async fn an_item_over_max_allowed_packet_is_rejected_alone_and_the_rest_lands() 
             Err(other) => panic!("item {index}: {other}"),
         }
     }
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
     let rows = l3_rows_at(&url, &names).await;
     private_mariadb("remove", port);
     eprintln!("edge packet: settled {tiers:?}, rejected {rejected:?}");
@@ -164,10 +164,10 @@ async fn a_rejected_item_inside_the_wal_does_not_block_the_drain() {
         log.append(&good.iter().skip(5).collect::<Vec<_>>()).unwrap();
     }
     let sqlite = format!("sqlite://{}", dir.path().join("l3.db").display());
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         sql_url: Some(Secret::new(sqlite.clone())),
         wal_dir: Some(wal_dir.clone()),
-        ..EngineConfig::in_memory()
+        ..SyncEngineConfig::in_memory()
     };
     let engine = engine(config).await;
     let mut late = engine.take_late_rejections().expect("late rejections are offered once");
@@ -179,7 +179,7 @@ async fn a_rejected_item_inside_the_wal_does_not_block_the_drain() {
             .await;
     assert!(landed, "every good item of the WAL lands in L3");
     assert!(engine.get("wal.bad").await.unwrap().is_none());
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
 }
 
 /// Review finding: a batch holding an older valid version and a newer one L3 rejects went to
@@ -188,7 +188,7 @@ async fn a_rejected_item_inside_the_wal_does_not_block_the_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_valid_version_beside_a_rejected_newer_one_survives_the_wal() {
     let names = Names::new("edge_wal_dedup");
-    let config = EngineConfig {
+    let config = SyncEngineConfig {
         sql_write_timeout: Duration::from_millis(500),
         wal_dir: Some(names.wal_dir()),
         breaker_failures: 1,
@@ -222,7 +222,7 @@ async fn an_older_valid_version_beside_a_rejected_newer_one_survives_the_wal() {
     })
     .await;
     assert!(landed, "the older valid version must land once the newer one is rejected");
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
 }
 
 /// A one-node Redis Cluster of this test's own, so it can be frozen.
@@ -280,8 +280,8 @@ impl Drop for PrivateRedis {
 async fn l2_only_items_do_not_stall_l3_items_while_redis_is_down() {
     let names = Names::new("edge_l2_down");
     let redis = PrivateRedis::start();
-    let config = EngineConfig {
-        redis_urls: vec![Secret::new(format!("redis://127.0.0.1:{}", redis.port))],
+    let config = SyncEngineConfig {
+        redis_url: Some(Secret::new(format!("redis://127.0.0.1:{}", redis.port))),
         ..engine_config(&names)
     };
     let engine = engine(config).await;
@@ -310,7 +310,7 @@ async fn l2_only_items_do_not_stall_l3_items_while_redis_is_down() {
     redis.signal("CONT");
     let cached = tokio::time::timeout(Duration::from_secs(30), cache_only).await;
     assert_eq!(cached.expect("the L2-only item settles once Redis is back"), Ok(Tier::L2));
-    engine.shutdown(Duration::from_secs(5)).await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
 }
 
 /// Polls an async check every 200 ms until it holds or the timeout passes.

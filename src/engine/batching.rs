@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pending, Queued};
 use crate::batch::Batcher;
-use crate::config::EngineConfig;
+use crate::config::SyncEngineConfig;
 
 /// A closed batch, and who to tell once it is written.
 pub(super) struct Batch {
@@ -18,7 +18,7 @@ pub(super) struct Batch {
 pub(super) async fn run(
     mut queue_rx: mpsc::Receiver<Queued>,
     batch_tx: mpsc::Sender<Batch>,
-    config_rx: watch::Receiver<EngineConfig>,
+    config_rx: watch::Receiver<SyncEngineConfig>,
     stopping: CancellationToken,
 ) {
     let mut batcher: Batcher<Pending> = Batcher::new(config_rx.borrow().batch);

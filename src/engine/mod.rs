@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::L1Cache;
-use crate::config::EngineConfig;
+use crate::config::SyncEngineConfig;
 use crate::item::{now_ms, SyncItem};
 use crate::options::SubmitOptions;
 use crate::resilience::circuit_breaker::SharedBreaker;
@@ -148,8 +148,8 @@ pub(crate) struct Stores {
 }
 
 pub struct SyncEngine {
-    config: EngineConfig,
-    config_rx: watch::Receiver<EngineConfig>,
+    config: SyncEngineConfig,
+    config_rx: watch::Receiver<SyncEngineConfig>,
     l1: L1Cache,
     stores: Option<Arc<Stores>>,
     queue_tx: Option<mpsc::Sender<Queued>>,
@@ -163,7 +163,7 @@ pub struct SyncEngine {
 
 impl SyncEngine {
     /// `config_rx` carries live updates: batch limits are re-read for every batch.
-    pub fn new(config: EngineConfig, config_rx: watch::Receiver<EngineConfig>) -> SyncEngine {
+    pub fn new(config: SyncEngineConfig, config_rx: watch::Receiver<SyncEngineConfig>) -> SyncEngine {
         SyncEngine {
             l1: L1Cache::new(config.l1_max_bytes),
             config,
@@ -179,12 +179,8 @@ impl SyncEngine {
 
     /// Connects L2 and L3 (running L3 migrations) and starts the batch and flush tasks.
     pub async fn start(&mut self) -> Result<(), EngineError> {
-        let l2 = if self.config.redis_urls.is_empty() {
-            None
-        } else {
-            let urls: Vec<String> = self.config.redis_urls.iter().map(|url| url.expose().to_owned()).collect();
-            Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?)
-        };
+        let urls = self.config.redis_urls();
+        let l2 = if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
         let l3 = match &self.config.sql_url {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
@@ -358,10 +354,16 @@ impl SyncEngine {
         self.l1.drop_partitions(partitions);
     }
 
+    /// Stops accepting, flushes everything accepted, and waits up to the configured
+    /// `shutdown_grace` (see `shutdown_within`).
+    pub async fn shutdown(&self) {
+        self.shutdown_within(self.config.shutdown_grace).await
+    }
+
     /// Stops accepting, flushes everything accepted, and waits. If a store stays unavailable
     /// past `grace`, unsettled items are abandoned (their acknowledgements say so, so a
     /// Kafka worker does not commit them and they are redelivered).
-    pub async fn shutdown(&self, grace: std::time::Duration) {
+    pub async fn shutdown_within(&self, grace: std::time::Duration) {
         self.stopping.cancel();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("engine flush exceeded the grace period, abandoning unsettled items");

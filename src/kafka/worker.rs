@@ -604,10 +604,10 @@ mod tests {
     use tokio::sync::{mpsc, watch};
 
     use super::*;
-    use crate::config::EngineConfig;
+    use crate::config::SyncEngineConfig;
 
     async fn in_memory_worker() -> Worker {
-        let config = EngineConfig::in_memory();
+        let config = SyncEngineConfig::in_memory();
         let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
         engine.start().await.expect("the in-memory engine starts");
         let kafka = KafkaConfig {

@@ -15,7 +15,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use sync_engine::config::{EngineConfig, KafkaConfig, Secret};
+use sync_engine::config::{KafkaConfig, Secret, SyncEngineConfig};
 use sync_engine::kafka::producer::{publish_all, EndOffsets, ItemProducer};
 use sync_engine::kafka::worker::{self, WorkerStats};
 use sync_engine::storage::sql::SqlStore;
@@ -123,14 +123,14 @@ pub async fn publish_more(
     }
 }
 
-pub fn engine_config(names: &Names) -> EngineConfig {
-    EngineConfig {
-        redis_urls: redis_urls().into_iter().map(Secret::new).collect(),
+pub fn engine_config(names: &Names) -> SyncEngineConfig {
+    SyncEngineConfig {
+        redis_url: Some(Secret::new(redis_urls().join(","))),
         redis_prefix: names.prefix.clone(),
         redis_ttl_secs: 3600,
         sql_url: Some(Secret::new(mysql_url())),
         sql_table: names.table.clone(),
-        ..EngineConfig::in_memory()
+        ..SyncEngineConfig::in_memory()
     }
 }
 
@@ -167,7 +167,7 @@ impl InProcessWorker {
         InProcessWorker::start_with(engine_config(names), kafka).await
     }
 
-    pub async fn start_with(config: EngineConfig, kafka: KafkaConfig) -> InProcessWorker {
+    pub async fn start_with(config: SyncEngineConfig, kafka: KafkaConfig) -> InProcessWorker {
         let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
         engine.start().await.expect("engine starts");
         let engine = Arc::new(engine);
@@ -181,7 +181,7 @@ impl InProcessWorker {
     pub async fn stop(self) {
         self.stop.cancel();
         self.task.await.expect("worker task").expect("worker drained cleanly");
-        self.engine.shutdown(Duration::from_secs(10)).await;
+        self.engine.shutdown_within(Duration::from_secs(10)).await;
     }
 }
 
