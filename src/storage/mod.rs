@@ -1,9 +1,11 @@
-//! The storage tiers behind L1: L2 (Redis Cluster, `redis.rs`) and L3 (MySQL or SQLite,
+//! The storage tiers behind L1: L2 (a Redis Cluster or a standalone Redis, `redis.rs`) and L3 (MySQL or SQLite,
 //! `sql.rs`). Library types stop here: the rest of the crate sees `SyncItem`s and `StoreError`.
 
 pub mod ceiling;
 pub mod redis;
+mod redis_cluster;
 mod redis_slots;
+mod redis_standalone;
 pub mod sql;
 mod sql_mysql;
 mod sql_sqlite;

@@ -1,36 +1,37 @@
-//! L2: Redis Cluster. Each item is a hash under `prefix + id` with fields `v` (version), `c`
-//! (content), `t` (content type), `d` (`1` for a tombstone), plus `ot`/`op`/`oo`, the origin
-//! topic, partition and offset that break ties at equal versions (readers may ignore them).
+//! L2: Redis, a Cluster (`redis_cluster.rs`) or one standalone server (`redis_standalone.rs`),
+//! told apart at connect time by the first server that answers `INFO cluster`. Each item is a
+//! hash under `prefix + id` with fields `v` (version), `c` (content), `t` (content type), `d`
+//! (`1` for a tombstone), plus `ot`/`op`/`oo`, the origin topic, partition and offset that
+//! break ties at equal versions (readers may ignore them).
 //!
-//! Writes are version-guarded by a Lua script that runs on the key's node, so a write never
+//! Writes are version-guarded by a Lua script that runs on the key's server, so a write never
 //! replaces a newer version (invariant 2). A second script drops an entry that is behind a
-//! given L3 row: how the engine removes what L3 refused (invariant 6). A batch is grouped by master (`redis_slots.rs`)
-//! and sent as one pipeline of `EVALSHA` calls per master, routed by address: one round trip
-//! per node instead of one per item. Items whose pipeline fails (a stale slot map after a
-//! failover, a missing script) are retried one by one through the cluster client, which
-//! follows redirects, and the slot map is refreshed. The client gets short connection and
-//! response timeouts: its defaults would retry for minutes.
+//! given L3 row: how the engine removes what L3 refused (invariant 6). Both modes send a batch
+//! as pipelines of `EVALSHA` (one per cluster master, one in all on a standalone server) and
+//! retry what a pipeline could not do one item at a time; the connection is replaced after
+//! failures. Clients get short connection and response timeouts: the defaults wait for minutes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use redis::cluster::{ClusterClient, ClusterClientBuilder};
-use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{AsyncCommands, Script, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Client, Script, ScriptInvocation};
 
 use crate::item::{ContentType, Origin, SyncItem};
-use crate::storage::redis_slots::{key_slot, Node, SlotMap};
+use crate::storage::redis_cluster::ClusterL2;
+use crate::storage::redis_standalone::StandaloneL2;
 use crate::storage::sql::HeldRow;
 use crate::storage::StoreError;
 
 /// The least time between two reconnects.
-const RECONNECT_EVERY: Duration = Duration::from_secs(3);
+pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(3);
 
-/// Script calls in flight at once for one batch.
+/// Connection and response timeout of every client.
+pub(super) const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Script calls in flight at once when a batch is retried item by item.
 const CONCURRENCY: usize = 256;
 
 const GUARDED_WRITE: &str = r#"
@@ -75,6 +76,9 @@ redis.call('DEL', KEYS[1])
 return 1
 "#;
 
+/// Both scripts, as `SCRIPT LOAD` needs them on every server before `EVALSHA` in a pipeline.
+pub(super) const SCRIPTS: [&str; 2] = [GUARDED_WRITE, DROP_IF_BEHIND];
+
 /// One change to L2.
 #[derive(Clone, Copy, Debug)]
 pub enum L2Op<'a> {
@@ -93,40 +97,81 @@ impl L2Op<'_> {
     }
 }
 
+/// Which kind of Redis L2 talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L2Mode {
+    Cluster,
+    Standalone,
+}
+
+impl L2Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L2Mode::Cluster => "cluster",
+            L2Mode::Standalone => "standalone",
+        }
+    }
+}
+
+/// The mode an `INFO cluster` reply announces (`cluster_enabled:1` or `:0`); `None` when it
+/// does not say (a proxy, or a server that hides the line).
+pub fn mode_from_info(info: &str) -> Option<L2Mode> {
+    info.lines().find_map(|line| match line.trim().strip_prefix("cluster_enabled:")? {
+        "1" => Some(L2Mode::Cluster),
+        "0" => Some(L2Mode::Standalone),
+        _ => None,
+    })
+}
+
 pub struct RedisStore {
-    client: ClusterClient,
-    /// The multiplexed connection, replaced after failures (see `reconnect`).
-    // A std Mutex: held only to clone or swap the handle, never across an await.
-    connection: std::sync::Mutex<(ClusterConnection, Instant)>,
-    script: Script,
-    drop_script: Script,
-    prefix: String,
-    /// The last `CLUSTER SLOTS` snapshot; `None` until loaded or after a pipeline failed.
-    // A std Mutex: held only to clone or replace an Arc, never across an await.
-    slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
+    backend: Backend,
+    commands: Commands,
+}
+
+enum Backend {
+    Cluster(ClusterL2),
+    Standalone(StandaloneL2),
 }
 
 impl RedisStore {
+    /// Connects to the Redis at `urls`: a standalone server when the first one that answers
+    /// says cluster support is disabled (then it must be the only URL), else a Cluster seeded
+    /// with all of them. Detection needs no setting, so one config serves both.
     pub async fn connect(urls: &[String], prefix: &str) -> Result<RedisStore, StoreError> {
-        let client = ClusterClientBuilder::new(urls.to_vec())
-            .connection_timeout(Duration::from_secs(2))
-            .response_timeout(Duration::from_secs(2))
-            .retries(3)
-            .build()
-            .map_err(unavailable)?;
-        let connection = client.get_async_connection().await.map_err(unavailable)?;
-        Ok(RedisStore {
-            client,
-            connection: std::sync::Mutex::new((connection, Instant::now())),
-            script: Script::new(GUARDED_WRITE),
-            drop_script: Script::new(DROP_IF_BEHIND),
+        let (probed, url) = probe(urls).await?;
+        let backend = match probed {
+            Probed::Standalone(..) if urls.len() > 1 => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is a standalone Redis (cluster support disabled), but {} Redis URLs are given: \
+                     give only its URL, or the seed nodes of a Redis Cluster",
+                    crate::config::redact_url(url),
+                    urls.len()
+                )));
+            }
+            Probed::Standalone(client, connection) => Backend::Standalone(StandaloneL2::new(*client, connection)),
+            Probed::Cluster => Backend::Cluster(ClusterL2::connect(urls).await?),
+        };
+        let commands = Commands {
             prefix: prefix.to_owned(),
-            slots: std::sync::Mutex::new(None),
-        })
+            write: Script::new(GUARDED_WRITE),
+            drop: Script::new(DROP_IF_BEHIND),
+        };
+        let store = RedisStore { backend, commands };
+        let mode = store.mode().as_str();
+        tracing::info!(mode, url = %crate::config::redact_url(url), "L2 connected to a {mode} Redis");
+        Ok(store)
+    }
+
+    /// Which kind of Redis this store talks to.
+    pub fn mode(&self) -> L2Mode {
+        match self.backend {
+            Backend::Cluster(_) => L2Mode::Cluster,
+            Backend::Standalone(_) => L2Mode::Standalone,
+        }
     }
 
     pub fn key(&self, id: &str) -> String {
-        format!("{}{}", self.prefix, id)
+        self.commands.key(id)
     }
 
     /// Writes each `(item, ttl_secs)`; 0 = no expiry. Returns the ids that failed.
@@ -135,199 +180,193 @@ impl RedisStore {
         self.apply(&ops).await
     }
 
-    /// Applies each change, pipelined per master. Returns the ids that failed.
-    pub async fn apply(&self, items: &[L2Op<'_>]) -> Vec<(String, StoreError)> {
-        if items.is_empty() {
+    /// Applies each change, pipelined. Returns the ids that failed.
+    pub async fn apply(&self, ops: &[L2Op<'_>]) -> Vec<(String, StoreError)> {
+        if ops.is_empty() {
             return Vec::new();
         }
-        let retry: Vec<usize> = match self.slot_map().await {
-            Some(map) => {
-                let mut by_node: HashMap<&Node, Vec<usize>> = HashMap::new();
-                let mut unmapped = Vec::new();
-                for (index, op) in items.iter().enumerate() {
-                    match map.node(key_slot(self.key(op.id()).as_bytes())) {
-                        Some(node) => by_node.entry(node).or_default().push(index),
-                        None => unmapped.push(index),
-                    }
-                }
-                let pipelines = by_node.into_iter().map(|(node, indexes)| self.write_pipeline(node, items, indexes));
-                let failed: Vec<usize> = futures::future::join_all(pipelines).await.into_iter().flatten().collect();
-                if !failed.is_empty() || !unmapped.is_empty() {
-                    self.forget_slot_map();
-                }
-                failed.into_iter().chain(unmapped).collect()
-            }
-            None => (0..items.len()).collect(),
-        };
-        // Futures are built eagerly into a Vec: a lazily mapped stream trips the compiler's
-        // `Send` inference for spawned tasks (a higher-ranked lifetime limitation).
-        let writes: Vec<_> = retry.into_iter().map(|index| self.apply_one(items[index])).collect();
-        let results: Vec<Option<(String, StoreError)>> =
-            futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
-        let failed: Vec<(String, StoreError)> = results.into_iter().flatten().collect();
-        if !failed.is_empty() {
-            self.reconnect().await;
+        match &self.backend {
+            Backend::Cluster(cluster) => cluster.apply(&self.commands, ops).await,
+            Backend::Standalone(standalone) => standalone.apply(&self.commands, ops).await,
         }
-        failed
-    }
-
-    /// One pipeline of guarded writes to one master; returns the indexes that failed.
-    async fn write_pipeline(&self, node: &Node, items: &[L2Op<'_>], indexes: Vec<usize>) -> Vec<usize> {
-        let mut pipeline = redis::pipe();
-        for &index in &indexes {
-            match items[index] {
-                L2Op::Write(item, ttl_secs) => {
-                    let command = pipeline.cmd("EVALSHA").arg(self.script.get_hash()).arg(1).arg(self.key(&item.id));
-                    guarded_write_args(command, item, ttl_secs);
-                }
-                L2Op::DropIfBehind(id, row) => {
-                    let command = pipeline.cmd("EVALSHA").arg(self.drop_script.get_hash()).arg(1).arg(self.key(id));
-                    drop_if_behind_args(command, row);
-                }
-            }
-        }
-        let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
-        let mut connection = self.connection();
-        match connection.route_pipeline(pipeline, 0, indexes.len(), route).await {
-            Ok(values) if values.len() == indexes.len() => {
-                let failed: Vec<usize> = indexes
-                    .into_iter()
-                    .zip(&values)
-                    .filter_map(|(index, value)| (!matches!(value, Value::Int(_))).then_some(index))
-                    .collect();
-                if !failed.is_empty() {
-                    let sample = values.iter().find(|value| !matches!(value, Value::Int(_)));
-                    tracing::debug!(node = %node.1, failed = failed.len(), ?sample, "pipelined L2 writes failed, retrying them one by one");
-                }
-                failed
-            }
-            Ok(values) => {
-                tracing::debug!(node = %node.1, got = values.len(), "pipeline answered with the wrong number of replies");
-                indexes
-            }
-            Err(error) => {
-                tracing::debug!(node = %node.1, %error, "pipeline to an L2 node failed, retrying its writes one by one");
-                indexes
-            }
-        }
-    }
-
-    /// The slot map, loading it (and the script, on every master) when missing.
-    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
-        if let Some(map) = self.slots.lock().ok()?.clone() {
-            return Some(map);
-        }
-        let mut connection = self.connection();
-        let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
-        let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
-        for (host, port) in map.masters() {
-            for script in [GUARDED_WRITE, DROP_IF_BEHIND] {
-                let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).clone();
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
-                connection.route_command(load, route).await.ok()?;
-            }
-        }
-        *self.slots.lock().ok()? = Some(map.clone());
-        Some(map)
-    }
-
-    fn forget_slot_map(&self) {
-        if let Ok(mut slots) = self.slots.lock() {
-            *slots = None;
-        }
-    }
-
-    async fn apply_one(&self, op: L2Op<'_>) -> Option<(String, StoreError)> {
-        let mut connection = self.connection();
-        let invocation = match op {
-            L2Op::Write(item, ttl_secs) => {
-                let mut invocation = self.script.key(self.key(&item.id));
-                guarded_write_args(&mut invocation, item, ttl_secs);
-                invocation
-            }
-            L2Op::DropIfBehind(id, row) => {
-                let mut invocation = self.drop_script.key(self.key(id));
-                drop_if_behind_args(&mut invocation, row);
-                invocation
-            }
-        };
-        let result: redis::RedisResult<i64> = invocation.invoke_async(&mut connection).await;
-        result.err().map(|error| (op.id().to_owned(), unavailable(error)))
     }
 
     /// Deletes these ids' keys (reads then fall through to L3).
     pub async fn invalidate(&self, ids: &[&str]) -> Result<(), StoreError> {
-        for id in ids {
-            let mut connection = self.connection();
-            let _: i64 = connection.del(self.key(id)).await.map_err(unavailable)?;
+        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+        if keys.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        match &self.backend {
+            Backend::Cluster(cluster) => cluster.delete(&keys).await,
+            Backend::Standalone(standalone) => standalone.delete(&keys).await,
+        }
     }
 
-    /// Deletes every key under the prefix on every master; returns how many.
+    /// Deletes every key under the prefix (on every master of a Cluster); returns how many.
     pub async fn invalidate_prefix(&self) -> Result<u64, StoreError> {
-        self.forget_slot_map();
-        let map = self.slot_map().await.ok_or_else(|| StoreError::Unavailable("no cluster slot map".into()))?;
-        let pattern = format!("{}*", self.prefix.replace('*', "\\*").replace('?', "\\?"));
-        let mut deleted = 0;
-        for (host, port) in map.masters() {
-            let mut cursor: u64 = 0;
-            loop {
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
-                let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).clone();
-                let reply = self.connection().route_command(scan, route).await.map_err(unavailable)?;
-                let (next, keys): (u64, Vec<String>) =
-                    redis::from_redis_value(reply).map_err(|error| StoreError::Unavailable(error.to_string()))?;
-                for key in keys {
-                    let mut connection = self.connection();
-                    deleted += connection.del::<_, u64>(key).await.map_err(unavailable)?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
-        Ok(deleted)
-    }
-
-    fn connection(&self) -> ClusterConnection {
-        match self.connection.lock() {
-            Ok(guard) => guard.0.clone(),
-            Err(poisoned) => poisoned.into_inner().0.clone(),
-        }
-    }
-
-    /// Replaces the connection with a fresh one (at most every `RECONNECT_EVERY`). After a
-    /// master dies, the client's own slot map can keep pointing at it: its background
-    /// repair runs before the failover completes and never looks again. A new connection
-    /// discovers the topology from scratch.
-    async fn reconnect(&self) {
-        let due = self.connection.lock().map(|guard| guard.1.elapsed() >= RECONNECT_EVERY).unwrap_or(false);
-        if !due {
-            return;
-        }
-        if let Ok(mut guard) = self.connection.lock() {
-            guard.1 = Instant::now();
-        }
-        self.forget_slot_map();
-        match tokio::time::timeout(RECONNECT_EVERY, self.client.get_async_connection()).await {
-            Ok(Ok(fresh)) => {
-                if let Ok(mut guard) = self.connection.lock() {
-                    guard.0 = fresh;
-                }
-                tracing::info!("reconnected to the Redis Cluster");
-            }
-            Ok(Err(error)) => tracing::warn!(error = %unavailable(error), "Redis Cluster reconnect failed"),
-            Err(_) => tracing::warn!("Redis Cluster reconnect timed out"),
+        let pattern = format!("{}*", self.commands.prefix.replace('*', "\\*").replace('?', "\\?"));
+        match &self.backend {
+            Backend::Cluster(cluster) => cluster.delete_matching(&pattern).await,
+            Backend::Standalone(standalone) => standalone.delete_matching(&pattern).await,
         }
     }
 
     /// The stored item; a tombstone comes back with `content: None`.
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
-        let mut connection = self.connection();
-        let fields: HashMap<String, Vec<u8>> = connection.hgetall(self.key(id)).await.map_err(unavailable)?;
+        let key = self.key(id);
+        let fields = match &self.backend {
+            Backend::Cluster(cluster) => cluster.hash(&key).await?,
+            Backend::Standalone(standalone) => standalone.hash(&key).await?,
+        };
         Ok(item_from_fields(id, &fields))
+    }
+}
+
+/// What the first Redis that answered said it is. A standalone server's probe connection is
+/// kept: it is the one L2 will use (boxed: a `Client` is large).
+enum Probed {
+    Cluster,
+    Standalone(Box<Client>, MultiplexedConnection),
+}
+
+/// Asks each URL in turn for `INFO cluster` until one answers; returns its answer and URL.
+async fn probe(urls: &[String]) -> Result<(Probed, &str), StoreError> {
+    let mut last_error = StoreError::Unavailable("no Redis URL given".into());
+    for url in urls {
+        let client = Client::open(url.as_str()).map_err(unavailable)?;
+        let connection = match client.get_multiplexed_async_connection_with_config(&connection_config()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                last_error = unavailable(error);
+                tracing::debug!(url = %crate::config::redact_url(url), error = %last_error, "Redis does not answer, trying the next URL");
+                continue;
+            }
+        };
+        let info: redis::RedisResult<String> =
+            redis::cmd("INFO").arg("cluster").query_async(&mut connection.clone()).await;
+        let mode = match info {
+            Ok(info) => mode_from_info(&info),
+            Err(error) if matches!(error.kind(), redis::ErrorKind::Server(_)) => None, // INFO renamed or denied
+            Err(error) => {
+                last_error = unavailable(error);
+                continue;
+            }
+        };
+        let probed = match mode {
+            Some(L2Mode::Standalone) => Probed::Standalone(Box::new(client), connection),
+            Some(L2Mode::Cluster) => Probed::Cluster,
+            None => {
+                // Unknown means what it meant before standalone support: a Cluster.
+                tracing::warn!(
+                    "Redis does not say whether cluster support is enabled (INFO cluster); assuming a Cluster"
+                );
+                Probed::Cluster
+            }
+        };
+        return Ok((probed, url));
+    }
+    Err(last_error)
+}
+
+pub(super) fn connection_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_connection_timeout(Some(TIMEOUT)).set_response_timeout(Some(TIMEOUT))
+}
+
+/// The key prefix and the two scripts: what turns an `L2Op` into a command in either mode.
+pub(super) struct Commands {
+    prefix: String,
+    write: Script,
+    drop: Script,
+}
+
+impl Commands {
+    pub(super) fn key(&self, id: &str) -> String {
+        format!("{}{}", self.prefix, id)
+    }
+
+    /// Appends the op to a pipeline as `EVALSHA` (the script must be loaded on the server).
+    pub(super) fn push_evalsha(&self, pipeline: &mut redis::Pipeline, op: L2Op<'_>) {
+        match op {
+            L2Op::Write(item, ttl_secs) => {
+                let command = pipeline.cmd("EVALSHA").arg(self.write.get_hash()).arg(1).arg(self.key(&item.id));
+                guarded_write_args(command, item, ttl_secs);
+            }
+            L2Op::DropIfBehind(id, row) => {
+                let command = pipeline.cmd("EVALSHA").arg(self.drop.get_hash()).arg(1).arg(self.key(id));
+                drop_if_behind_args(command, row);
+            }
+        }
+    }
+
+    /// The op as one script call (`EVALSHA`, loading the script on `NOSCRIPT`).
+    fn invocation(&self, op: L2Op<'_>) -> ScriptInvocation<'_> {
+        match op {
+            L2Op::Write(item, ttl_secs) => {
+                let mut invocation = self.write.key(self.key(&item.id));
+                guarded_write_args(&mut invocation, item, ttl_secs);
+                invocation
+            }
+            L2Op::DropIfBehind(id, row) => {
+                let mut invocation = self.drop.key(self.key(id));
+                drop_if_behind_args(&mut invocation, row);
+                invocation
+            }
+        }
+    }
+
+    /// Applies `ops[indexes]` one call each, at most `CONCURRENCY` at once, on connections
+    /// from `connection`; returns the failures.
+    pub(super) async fn apply_each<C: ConnectionLike + Send>(
+        &self,
+        connection: impl Fn() -> C,
+        ops: &[L2Op<'_>],
+        indexes: impl IntoIterator<Item = usize>,
+    ) -> Vec<(String, StoreError)> {
+        // Futures are built eagerly into a Vec: a lazily mapped stream trips the compiler's
+        // `Send` inference for spawned tasks (a higher-ranked lifetime limitation).
+        let calls: Vec<_> = indexes
+            .into_iter()
+            .map(|index| {
+                let (op, invocation, mut connection) = (ops[index], self.invocation(ops[index]), connection());
+                async move {
+                    let result: redis::RedisResult<i64> = invocation.invoke_async(&mut connection).await;
+                    result.err().map(|error| (op.id().to_owned(), unavailable(error)))
+                }
+            })
+            .collect();
+        let results: Vec<Option<(String, StoreError)>> =
+            futures::stream::iter(calls).buffer_unordered(CONCURRENCY).collect().await;
+        results.into_iter().flatten().collect()
+    }
+}
+
+/// A connection that every request clones, replaced after failures at most every
+/// `RECONNECT_EVERY` (a burst of failures reconnects once).
+// A std Mutex: held only to clone or swap the handle, never across an await.
+pub(super) struct Replaceable<C>(std::sync::Mutex<(C, Instant)>);
+
+impl<C: Clone> Replaceable<C> {
+    pub(super) fn new(connection: C) -> Self {
+        Replaceable(std::sync::Mutex::new((connection, Instant::now())))
+    }
+
+    pub(super) fn get(&self) -> C {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0.clone()
+    }
+
+    /// Whether a reconnect may start now; if so, the next one waits `RECONNECT_EVERY`.
+    pub(super) fn reconnect_due(&self) -> bool {
+        let mut guard = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let due = guard.1.elapsed() >= RECONNECT_EVERY;
+        if due {
+            guard.1 = Instant::now();
+        }
+        due
+    }
+
+    pub(super) fn replace(&self, connection: C) {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0 = connection;
     }
 }
 
@@ -343,7 +382,7 @@ impl Args for redis::Pipeline {
     }
 }
 
-impl Args for redis::ScriptInvocation<'_> {
+impl Args for ScriptInvocation<'_> {
     fn push_arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
         self.arg(arg)
     }
@@ -395,6 +434,23 @@ fn item_from_fields(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<SyncI
     })
 }
 
-fn unavailable(error: redis::RedisError) -> StoreError {
+pub(super) fn unavailable(error: redis::RedisError) -> StoreError {
     StoreError::Unavailable(crate::config::redact_url(&error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_cluster_tells_the_mode() {
+        assert_eq!(mode_from_info("# Cluster\r\ncluster_enabled:0\r\n"), Some(L2Mode::Standalone));
+        assert_eq!(mode_from_info("# Cluster\r\ncluster_enabled:1\r\n"), Some(L2Mode::Cluster));
+        // A server or proxy that leaves the line out, or says something else, does not tell.
+        assert_eq!(mode_from_info("# Cluster\r\n"), None);
+        assert_eq!(mode_from_info(""), None);
+        assert_eq!(mode_from_info("cluster_enabled:yes\r\n"), None);
+        // Only a whole field name counts.
+        assert_eq!(mode_from_info("xcluster_enabled:0\r\n"), None);
+    }
 }

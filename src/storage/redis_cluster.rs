@@ -1,0 +1,189 @@
+//! L2 on a Redis Cluster. A batch is grouped by master (`redis_slots.rs`) and sent as one
+//! pipeline of `EVALSHA` calls per master, routed by address: one round trip per node instead
+//! of one per item. Items whose pipeline fails (a stale slot map after a failover, a missing
+//! script) are retried one by one through the cluster client, which follows redirects, and
+//! the slot map is refreshed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{AsyncCommands, Value};
+
+use crate::storage::redis::{unavailable, Commands, L2Op, Replaceable, RECONNECT_EVERY, SCRIPTS, TIMEOUT};
+use crate::storage::redis_slots::{key_slot, Node, SlotMap};
+use crate::storage::StoreError;
+
+pub(super) struct ClusterL2 {
+    client: ClusterClient,
+    connection: Replaceable<ClusterConnection>,
+    /// The last `CLUSTER SLOTS` snapshot; `None` until loaded or after a pipeline failed.
+    // A std Mutex: held only to clone or replace an Arc, never across an await.
+    slots: std::sync::Mutex<Option<Arc<SlotMap>>>,
+}
+
+impl ClusterL2 {
+    pub(super) async fn connect(urls: &[String]) -> Result<ClusterL2, StoreError> {
+        let client = ClusterClientBuilder::new(urls.to_vec())
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT)
+            .retries(3)
+            .build()
+            .map_err(unavailable)?;
+        let connection = client.get_async_connection().await.map_err(unavailable)?;
+        Ok(ClusterL2 { client, connection: Replaceable::new(connection), slots: std::sync::Mutex::new(None) })
+    }
+
+    /// Applies each change, pipelined per master. Returns the ids that failed.
+    pub(super) async fn apply(&self, commands: &Commands, items: &[L2Op<'_>]) -> Vec<(String, StoreError)> {
+        let retry: Vec<usize> = match self.slot_map().await {
+            Some(map) => {
+                let mut by_node: HashMap<&Node, Vec<usize>> = HashMap::new();
+                let mut unmapped = Vec::new();
+                for (index, op) in items.iter().enumerate() {
+                    match map.node(key_slot(commands.key(op.id()).as_bytes())) {
+                        Some(node) => by_node.entry(node).or_default().push(index),
+                        None => unmapped.push(index),
+                    }
+                }
+                let pipelines =
+                    by_node.into_iter().map(|(node, indexes)| self.write_pipeline(commands, node, items, indexes));
+                let failed: Vec<usize> = futures::future::join_all(pipelines).await.into_iter().flatten().collect();
+                if !failed.is_empty() || !unmapped.is_empty() {
+                    self.forget_slot_map();
+                }
+                failed.into_iter().chain(unmapped).collect()
+            }
+            None => (0..items.len()).collect(),
+        };
+        let failed = commands.apply_each(|| self.connection.get(), items, retry).await;
+        if !failed.is_empty() {
+            self.reconnect().await;
+        }
+        failed
+    }
+
+    /// One pipeline of guarded writes to one master; returns the indexes that failed.
+    async fn write_pipeline(
+        &self,
+        commands: &Commands,
+        node: &Node,
+        items: &[L2Op<'_>],
+        indexes: Vec<usize>,
+    ) -> Vec<usize> {
+        let mut pipeline = redis::pipe();
+        for &index in &indexes {
+            commands.push_evalsha(&mut pipeline, items[index]);
+        }
+        let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
+        let mut connection = self.connection.get();
+        match connection.route_pipeline(pipeline, 0, indexes.len(), route).await {
+            Ok(values) if values.len() == indexes.len() => {
+                let failed: Vec<usize> = indexes
+                    .into_iter()
+                    .zip(&values)
+                    .filter_map(|(index, value)| (!matches!(value, Value::Int(_))).then_some(index))
+                    .collect();
+                if !failed.is_empty() {
+                    let sample = values.iter().find(|value| !matches!(value, Value::Int(_)));
+                    tracing::debug!(node = %node.1, failed = failed.len(), ?sample, "pipelined L2 writes failed, retrying them one by one");
+                }
+                failed
+            }
+            Ok(values) => {
+                tracing::debug!(node = %node.1, got = values.len(), "pipeline answered with the wrong number of replies");
+                indexes
+            }
+            Err(error) => {
+                tracing::debug!(node = %node.1, %error, "pipeline to an L2 node failed, retrying its writes one by one");
+                indexes
+            }
+        }
+    }
+
+    /// The slot map, loading it (and the scripts, on every master) when missing.
+    async fn slot_map(&self) -> Option<Arc<SlotMap>> {
+        if let Some(map) = self.slots.lock().ok()?.clone() {
+            return Some(map);
+        }
+        let mut connection = self.connection.get();
+        let reply: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut connection).await.ok()?;
+        let map = Arc::new(SlotMap::from_cluster_slots(&reply)?);
+        for (host, port) in map.masters() {
+            for script in SCRIPTS {
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(script).clone();
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                connection.route_command(load, route).await.ok()?;
+            }
+        }
+        *self.slots.lock().ok()? = Some(map.clone());
+        Some(map)
+    }
+
+    fn forget_slot_map(&self) {
+        if let Ok(mut slots) = self.slots.lock() {
+            *slots = None;
+        }
+    }
+
+    /// Deletes these keys, one command each: keys of different slots cannot share one.
+    pub(super) async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        for key in keys {
+            let mut connection = self.connection.get();
+            let _: i64 = connection.del(key).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every key matching `pattern` on every master; returns how many.
+    pub(super) async fn delete_matching(&self, pattern: &str) -> Result<u64, StoreError> {
+        self.forget_slot_map();
+        let map = self.slot_map().await.ok_or_else(|| StoreError::Unavailable("no cluster slot map".into()))?;
+        let mut deleted = 0;
+        for (host, port) in map.masters() {
+            let mut cursor: u64 = 0;
+            loop {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+                let scan = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000).clone();
+                let reply = self.connection.get().route_command(scan, route).await.map_err(unavailable)?;
+                let (next, keys): (u64, Vec<String>) =
+                    redis::from_redis_value(reply).map_err(|error| StoreError::Unavailable(error.to_string()))?;
+                for key in keys {
+                    let mut connection = self.connection.get();
+                    deleted += connection.del::<_, u64>(key).await.map_err(unavailable)?;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// The fields of the hash at `key` (empty when there is none).
+    pub(super) async fn hash(&self, key: &str) -> Result<HashMap<String, Vec<u8>>, StoreError> {
+        self.connection.get().hgetall(key).await.map_err(unavailable)
+    }
+
+    /// Replaces the connection with a fresh one (at most every `RECONNECT_EVERY`). After a
+    /// master dies, the client's own slot map can keep pointing at it: its background
+    /// repair runs before the failover completes and never looks again. A new connection
+    /// discovers the topology from scratch.
+    async fn reconnect(&self) {
+        if !self.connection.reconnect_due() {
+            return;
+        }
+        self.forget_slot_map();
+        match tokio::time::timeout(RECONNECT_EVERY, self.client.get_async_connection()).await {
+            Ok(Ok(fresh)) => {
+                self.connection.replace(fresh);
+                tracing::info!("reconnected to the Redis Cluster");
+            }
+            Ok(Err(error)) => tracing::warn!(error = %unavailable(error), "Redis Cluster reconnect failed"),
+            Err(_) => tracing::warn!("Redis Cluster reconnect timed out"),
+        }
+    }
+}
