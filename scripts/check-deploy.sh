@@ -200,7 +200,12 @@ for _ in $(seq 300); do # 30 s
     sleep 0.1
 done
 curl -sf "http://127.0.0.1:$metrics_port/health/ready" >/dev/null || die "the worker was not ready within 30 s"
-curl -sf "http://127.0.0.1:$prom_port/-/ready" >/dev/null || die "Prometheus is not ready"
+for _ in $(seq 300); do # 30 s: a loaded machine starts Prometheus slowly
+    curl -sf "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1 && break
+    kill -0 "$prom_pid" 2>/dev/null || die "Prometheus exited at start"
+    sleep 0.1
+done
+curl -sf "http://127.0.0.1:$prom_port/-/ready" >/dev/null || die "Prometheus was not ready within 30 s"
 say "  worker ready on :$metrics_port, Prometheus on :$prom_port; producing $LIVE_ITEMS records (5% poison) to $run_id"
 "$BIN" produce --brokers "$brokers" --topic "$run_id" --count "$LIVE_ITEMS" --item-bytes 256 \
     --key-space 100 --poison-share 0.05 --max-item-bytes 65536 --quiet >"$work/produce.log" 2>&1 ||
