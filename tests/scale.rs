@@ -114,6 +114,15 @@ fn scrape_consumed(consumed: &Mutex<HashMap<(String, u32), u64>>, port: u16, nam
     consumed.lock().unwrap().insert((name.to_owned(), pid), total);
 }
 
+/// The partitions whose `sync_consumer_lag_seconds` a pod exports.
+fn lag_partitions(port: u16) -> Vec<i32> {
+    let body = http_get(port, "/metrics").unwrap_or_default();
+    body.lines()
+        .filter(|line| line.starts_with("sync_consumer_lag_seconds{"))
+        .filter_map(|line| line.split("partition=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect()
+}
+
 /// The group's committed offsets, polled by one client that never joins the group; each
 /// partition's advances are timestamped.
 fn watch_commits(
@@ -265,6 +274,17 @@ async fn workers_scaled_down_up_and_killed_under_load_lose_nothing_and_stall_bri
     scenario.event("all committed".into());
     watching.store(true, std::sync::atomic::Ordering::Relaxed);
     let advances = watcher.join().unwrap();
+    // After all the moves, each partition's lag is exported by exactly the pod that owns it
+    // now: no pod keeps a series of a partition it lost (the autoscaler would read it).
+    let owners_agree = eventually(Duration::from_secs(15), || {
+        let mut exported: Vec<i32> = scenario.pods.iter().flat_map(|pod| lag_partitions(pod.port)).collect();
+        exported.sort_unstable();
+        exported == (0..PARTITIONS).collect::<Vec<_>>()
+    })
+    .await;
+    let exported: Vec<(String, Vec<i32>)> =
+        scenario.pods.iter().map(|pod| (pod.name.clone(), lag_partitions(pod.port))).collect();
+    assert!(owners_agree, "each partition's lag in seconds comes from one pod: {exported:?}");
     for name in ["w0", "w1", "w2", "w3"] {
         scenario.stop_pod(name).await;
     }
