@@ -58,6 +58,6 @@ pub mod storage;
 pub mod workload;
 
 pub use config::{Config, SyncEngineConfig};
-pub use engine::{EngineError, SettleError, SettleReceipt, SyncEngine, Tier};
+pub use engine::{EngineError, EngineState, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};

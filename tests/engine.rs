@@ -164,3 +164,66 @@ async fn wait_until_gone(redis: &RedisStore, ids: &[&str]) -> bool {
     }
     false
 }
+
+// The lifecycle through the `watch` receiver: Connecting while `start` waits on a backend,
+// back to Created when it fails, Running after a good start, Draining then Stopped on shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_state_follows_its_life_and_a_failed_start_returns_to_created() {
+    use sync_engine::EngineState;
+
+    // A "Redis" that accepts connections and never answers: start stays in Connecting until
+    // the connect gives up.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let names = Names::new("engine_state");
+    let stuck =
+        SyncEngineConfig { redis_url: Some(format!("redis://127.0.0.1:{port}").into()), ..engine_config(&names) };
+    let mut engine = SyncEngine::new(stuck.clone(), watch::channel(stuck).1);
+    let mut states = engine.state_receiver();
+    assert_eq!(*states.borrow(), EngineState::Created);
+    let starting = tokio::spawn(async move {
+        let result = engine.start().await;
+        (engine, result)
+    });
+    let connecting =
+        tokio::time::timeout(Duration::from_secs(10), states.wait_for(|state| *state == EngineState::Connecting));
+    assert!(connecting.await.is_ok(), "start announces Connecting");
+    let (engine, result) =
+        tokio::time::timeout(Duration::from_secs(60), starting).await.expect("start gives up").unwrap();
+    assert!(result.is_err(), "a Redis that never answers fails the start");
+    assert_eq!(engine.state(), EngineState::Created);
+    holding.abort();
+
+    let config = engine_config(&names);
+    let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
+    let mut states = engine.state_receiver();
+    let recorder = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while states.changed().await.is_ok() {
+            let state = *states.borrow_and_update();
+            seen.push(state);
+            if state == EngineState::Stopped {
+                break;
+            }
+        }
+        seen
+    });
+    engine.start().await.expect("engine starts");
+    assert_eq!(engine.state(), EngineState::Running);
+    engine.submit(sync_engine::SyncItem::new("state.1", b"x".to_vec())).await.expect("submitted");
+    engine.shutdown_within(Duration::from_secs(5)).await;
+    assert_eq!(engine.state(), EngineState::Stopped);
+    let seen = tokio::time::timeout(Duration::from_secs(5), recorder).await.expect("recorder ends").unwrap();
+    // A watch keeps only the latest value, so quick steps may merge; the order never changes.
+    let order = [EngineState::Connecting, EngineState::Running, EngineState::Draining, EngineState::Stopped];
+    let positions: Vec<usize> =
+        seen.iter().map(|state| order.iter().position(|o| o == state).expect("known")).collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "states in lifecycle order: {seen:?}");
+    assert_eq!(seen.last(), Some(&EngineState::Stopped));
+}

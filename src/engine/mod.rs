@@ -17,7 +17,10 @@
 mod batching;
 mod flushing;
 mod l2_repair;
+mod state;
 mod wal;
+
+pub use state::EngineState;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -159,6 +162,7 @@ pub struct SyncEngine {
     aborting: CancellationToken,
     tasks: TaskTracker,
     late_rejections: std::sync::Mutex<Option<mpsc::UnboundedReceiver<LateRejection>>>,
+    state: state::StateCell,
 }
 
 impl SyncEngine {
@@ -174,11 +178,30 @@ impl SyncEngine {
             aborting: CancellationToken::new(),
             tasks: TaskTracker::new(),
             late_rejections: std::sync::Mutex::new(None),
+            state: state::StateCell::new(),
         }
+    }
+
+    /// Where the engine is in its life (see `EngineState`).
+    pub fn state(&self) -> EngineState {
+        self.state.get()
+    }
+
+    /// Every state change from now on, for a caller that waits for one.
+    pub fn state_receiver(&self) -> watch::Receiver<EngineState> {
+        self.state.subscribe()
     }
 
     /// Connects L2 and L3 (running L3 migrations) and starts the batch and flush tasks.
     pub async fn start(&mut self) -> Result<(), EngineError> {
+        self.state.set(EngineState::Connecting);
+        let started = self.connect_and_spawn().await;
+        // A failed start leaves nothing running: it may be tried again.
+        self.state.set(if started.is_ok() { EngineState::Running } else { EngineState::Created });
+        started
+    }
+
+    async fn connect_and_spawn(&mut self) -> Result<(), EngineError> {
         let urls = self.config.redis_urls();
         let l2 = if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
         let l3 = match &self.config.sql_url {
@@ -364,6 +387,7 @@ impl SyncEngine {
     /// past `grace`, unsettled items are abandoned (their acknowledgements say so, so a
     /// Kafka worker does not commit them and they are redelivered).
     pub async fn shutdown_within(&self, grace: std::time::Duration) {
+        self.state.set(EngineState::Draining);
         self.stopping.cancel();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("engine flush exceeded the grace period, abandoning unsettled items");
@@ -375,6 +399,7 @@ impl SyncEngine {
                 l3.close().await;
             }
         }
+        self.state.set(EngineState::Stopped);
     }
 
     /// The SQL tier, for verification tools.
