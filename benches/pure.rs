@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use sync_engine::batch::{BatchLimits, Batcher};
+use sync_engine::batch::{BatchConfig, HybridBatcher, SizedItem};
 use sync_engine::decode::{decode, DecodeLimits, RawRecord};
 use sync_engine::kafka::offsets::PartitionOffsets;
 
@@ -40,18 +40,27 @@ fn benchmarks(c: &mut Criterion) {
         })
     });
 
-    let limits = BatchLimits { max_items: 1_000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) };
+    let limits = BatchConfig { max_items: 1_000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) };
     c.bench_function("batch 10,000 items", |b| {
         b.iter(|| {
             let now = Instant::now();
-            let mut batcher = Batcher::new(limits);
+            let mut batcher = HybridBatcher::new(limits);
             let mut batches = 0;
             for item in 0..10_000u32 {
-                batches += usize::from(batcher.push(item, 1024, now).is_some());
+                batches += usize::from(batcher.push(Kib(item), now).is_some());
             }
             batches
         })
     });
+}
+
+/// A 1 KiB item.
+struct Kib(#[allow(dead_code)] u32);
+
+impl SizedItem for Kib {
+    fn size_bytes(&self) -> usize {
+        1024
+    }
 }
 
 criterion_group!(benches, benchmarks);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::batch::BatchLimits;
+use crate::batch::BatchConfig;
 
 /// A value that redacts itself in `Debug` and `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -103,7 +103,7 @@ pub struct SyncEngineConfig {
     /// `mysql://…` or `sqlite://…`; `None` means no L3.
     pub sql_url: Option<Secret>,
     pub sql_table: String,
-    pub batch: BatchLimits,
+    pub batch: BatchConfig,
     pub l1_max_bytes: u64,
     /// Where batches for an unavailable L3 are logged; `None` = no WAL (L3 writes wait).
     pub wal_dir: Option<PathBuf>,
@@ -253,7 +253,7 @@ impl Config {
                 Some((property.to_ascii_lowercase().replace('_', "."), Secret(value.clone())))
             })
             .collect();
-        let batch = BatchLimits {
+        let batch = BatchConfig {
             max_items: r.number("SYNC_BATCH_MAX_ITEMS", 1000, 1, 100_000),
             max_bytes: r.number("SYNC_BATCH_MAX_BYTES", 8 << 20, 1024, 1 << 30),
             max_delay: Duration::from_millis(r.number("SYNC_BATCH_MAX_DELAY_MS", 50, 0, 60_000)),
@@ -312,7 +312,7 @@ impl Default for SyncEngineConfig {
             redis_ttl_secs: 0,
             sql_url: None,
             sql_table: "sync_items".into(),
-            batch: BatchLimits { max_items: 1000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) },
+            batch: BatchConfig { max_items: 1000, max_bytes: 8 << 20, max_delay: Duration::from_millis(50) },
             l1_max_bytes: 64 << 20,
             wal_dir: None,
             wal_max_bytes: GIB,

@@ -23,6 +23,7 @@ pub const RECORDS_CONSUMED: &str = "sync_records_consumed_total";
 pub const ITEMS_SETTLED: &str = "sync_items_settled_total";
 pub const DEAD_LETTERED: &str = "sync_dead_lettered_total";
 pub const BATCH_ITEMS: &str = "sync_batch_items";
+pub const BATCH_FLUSHES: &str = "sync_batch_flushes_total";
 pub const FLUSH_SECONDS: &str = "sync_flush_duration_seconds";
 pub const SETTLE_LATENCY_SECONDS: &str = "sync_settle_latency_seconds";
 pub const ITEM_SETTLE_SECONDS: &str = "sync_item_settle_seconds";
@@ -47,6 +48,7 @@ pub const L2_STALE_IDS: &str = "sync_l2_stale_ids";
 pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
+pub const CORRUPT_READS: &str = "sync_corrupt_reads_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
@@ -89,6 +91,7 @@ fn describe() {
     describe_counter!(ITEMS_SETTLED, "Items settled, by the tier that made them durable (l1, l2, l3)");
     describe_counter!(DEAD_LETTERED, "Records acknowledged by the dead-letter topic, by reason code");
     describe_histogram!(BATCH_ITEMS, "Items per flushed batch");
+    describe_counter!(BATCH_FLUSHES, "Batches closed, by reason (count, bytes, age, explicit)");
     describe_histogram!(FLUSH_SECONDS, Unit::Seconds, "Time to write one batch, by tier");
     describe_histogram!(SETTLE_LATENCY_SECONDS, Unit::Seconds, "Kafka record timestamp to settled");
     describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
@@ -118,6 +121,7 @@ fn describe() {
     describe_gauge!(L2_STALE_IDS, "Ids whose L2 write failed, waiting for repair from L3");
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
+    describe_counter!(CORRUPT_READS, "Verified reads whose content did not match its stored SHA-256, by tier (l2, l3)");
 }
 
 /// Readiness: set once the worker is connected and consuming.

@@ -92,7 +92,7 @@ async fn tiers_route_items_and_ttls_reach_l2() {
 async fn shutdown_flushes_every_accepted_item() {
     let names = Names::new("engine_shutdown");
     let config = SyncEngineConfig {
-        batch: sync_engine::batch::BatchLimits {
+        batch: sync_engine::batch::BatchConfig {
             max_delay: Duration::from_secs(60),
             ..SyncEngineConfig::in_memory().batch
         },

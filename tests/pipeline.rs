@@ -154,7 +154,7 @@ async fn a_second_worker_joining_mid_stream_takes_partitions_through_a_revoke_an
 
     // Small batches keep the first worker busy, so the rebalance lands while it holds items.
     let slow = sync_engine::config::SyncEngineConfig {
-        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
+        batch: sync_engine::batch::BatchConfig { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
         ..engine_config(&names)
     };
     let first = InProcessWorker::start_with(slow, kafka_config(&names)).await;

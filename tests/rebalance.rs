@@ -15,7 +15,7 @@ const PARTITIONS: i32 = 4;
 /// Small batches keep a worker busy, so its backlog stays in flight.
 fn slow_engine(names: &Names) -> sync_engine::SyncEngineConfig {
     sync_engine::config::SyncEngineConfig {
-        batch: sync_engine::batch::BatchLimits { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
+        batch: sync_engine::batch::BatchConfig { max_items: 50, ..sync_engine::SyncEngineConfig::in_memory().batch },
         ..engine_config(names)
     }
 }

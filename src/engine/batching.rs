@@ -6,22 +6,35 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Pending, Queued};
-use crate::batch::Batcher;
+use crate::batch::{Batch, FlushReason, HybridBatcher, SizedItem};
 use crate::config::SyncEngineConfig;
 
-/// A closed batch, and who to tell once it is written.
-pub(super) struct Batch {
+/// A closed batch on its way to the flush task, and who to tell once it is written.
+pub(super) struct FlushBatch {
     pub items: Vec<Pending>,
     pub done: Option<oneshot::Sender<()>>,
 }
 
+impl FlushBatch {
+    fn closed(batch: Batch<Pending>, done: Option<oneshot::Sender<()>>) -> FlushBatch {
+        metrics::counter!(crate::metrics::BATCH_FLUSHES, "reason" => batch.reason.as_str()).increment(1);
+        FlushBatch { items: batch.items, done }
+    }
+}
+
+impl SizedItem for Pending {
+    fn size_bytes(&self) -> usize {
+        self.item.size_bytes()
+    }
+}
+
 pub(super) async fn run(
     mut queue_rx: mpsc::Receiver<Queued>,
-    batch_tx: mpsc::Sender<Batch>,
+    batch_tx: mpsc::Sender<FlushBatch>,
     config_rx: watch::Receiver<SyncEngineConfig>,
     stopping: CancellationToken,
 ) {
-    let mut batcher: Batcher<Pending> = Batcher::new(config_rx.borrow().batch);
+    let mut batcher: HybridBatcher<Pending> = HybridBatcher::new(config_rx.borrow().batch);
     let mut stop_seen = false;
     loop {
         let deadline = batcher.deadline().map(Instant::from_std);
@@ -35,22 +48,21 @@ pub(super) async fn run(
             }
             queued = queue_rx.recv() => match queued {
                 Some(Queued::Item(pending)) => {
-                    let size = pending.item.size_bytes();
-                    batcher.push(pending, size, std::time::Instant::now()).map(|items| Batch { items, done: None })
+                    batcher.push(pending, std::time::Instant::now()).map(|batch| FlushBatch::closed(batch, None))
                 }
-                Some(Queued::Flush(done)) => Some(Batch { items: batcher.take(), done: Some(done) }),
+                Some(Queued::Flush(done)) => Some(FlushBatch::closed(batcher.take(FlushReason::Explicit), Some(done))),
                 None => {
-                    let _ = batch_tx.send(Batch { items: batcher.take(), done: None }).await;
+                    let _ = batch_tx.send(FlushBatch::closed(batcher.take(FlushReason::Explicit), None)).await;
                     return;
                 }
             },
-            _ = sleep_until_opt(deadline) => batcher.poll_due(std::time::Instant::now()).map(|items| Batch { items, done: None }),
+            _ = sleep_until_opt(deadline) => batcher.poll_due(std::time::Instant::now()).map(|batch| FlushBatch::closed(batch, None)),
         };
         if let Some(batch) = closed {
             if batch_tx.send(batch).await.is_err() {
                 return;
             }
-            batcher.set_limits(config_rx.borrow().batch);
+            batcher.set_config(config_rx.borrow().batch);
         }
     }
 }

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::batching::Batch;
+use super::batching::FlushBatch;
 use super::{Pending, SettleError, SettleResult, Stores, Tier};
 use crate::item::SyncItem;
 use crate::metrics as m;
@@ -51,7 +51,7 @@ const MAX_TRANSIENT_RETRIES: u32 = 5;
 /// seconds before the L2 breaker opens.
 const L2_ATTEMPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
-pub(super) async fn run(mut batch_rx: mpsc::Receiver<Batch>, stores: Arc<Stores>, aborting: CancellationToken) {
+pub(super) async fn run(mut batch_rx: mpsc::Receiver<FlushBatch>, stores: Arc<Stores>, aborting: CancellationToken) {
     // Three stages, so that L3 never waits on Redis: batches being written to L3, batches
     // whose caches follow L3's verdict (then settle), and items ending at L2 whose write
     // failed (retried outside the batch slots). Batches are numbered; a flush waits for the
