@@ -1,4 +1,5 @@
-//! sync-engine: a Kafka → L1 (moka) → L2 (Redis Cluster) → L3 (MySQL/SQLite) ingestion worker.
+//! sync-engine: a tiered store, L1 (moka) → L2 (Redis, standalone or Cluster) → L3 (MySQL or
+//! SQLite), and the Kafka ingestion worker built on it.
 //!
 //! # Module map
 //!
@@ -57,7 +58,13 @@ pub mod resilience;
 pub mod storage;
 pub mod workload;
 
+// What a library user needs, at the root (README "From the seed" maps the original names).
+pub use batch::{Batch, BatchConfig, FlushReason, HybridBatcher, SizedItem};
 pub use config::{Config, SyncEngineConfig};
 pub use engine::{EngineError, EngineState, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
+pub use resilience::circuit_breaker::CircuitBreaker;
+pub use resilience::retry::RetryConfig;
+pub use resilience::wal::WriteAheadLog;
+pub use storage::StoreError;
