@@ -72,6 +72,14 @@ impl L1Cache {
         self.cache.get(id).await
     }
 
+    /// How many entries L1 holds, approximately: moka applies inserts, evictions and
+    /// expiries in the background, so its pending tasks are run first, and concurrent writes
+    /// can still move the count while it is read.
+    pub async fn entry_count(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
+        self.cache.entry_count()
+    }
+
     /// Drops every entry that came from one of these topic-partitions.
     pub fn drop_partitions(&self, partitions: Vec<(Arc<str>, i32)>) {
         let predicate = move |_: &String, item: &Arc<SyncItem>| {

@@ -17,9 +17,12 @@
 mod batching;
 mod flushing;
 mod l2_repair;
+mod pending;
+mod reads;
 mod state;
 mod wal;
 
+pub use reads::ItemStatus;
 pub use state::EngineState;
 
 use std::future::Future;
@@ -87,6 +90,9 @@ pub enum EngineError {
     Wal(crate::resilience::wal::WalError),
     #[error(transparent)]
     Settle(#[from] SettleError),
+    /// A verified read found content that does not match the hash stored with it.
+    #[error("stored content of {id:?} in {} does not match its stored hash", .tier.as_str())]
+    Corrupt { id: String, tier: Tier },
 }
 
 /// Resolves when the item is settled.
@@ -111,7 +117,7 @@ struct Pending {
     item: Arc<SyncItem>,
     enqueued_at: std::time::Instant,
     options: SubmitOptions,
-    ack: oneshot::Sender<SettleResult>,
+    ack: pending::Ack,
 }
 
 /// An item L3 rejected for its content while the write-ahead log drained: it had settled in
@@ -154,6 +160,8 @@ pub struct SyncEngine {
     config: SyncEngineConfig,
     config_rx: watch::Receiver<SyncEngineConfig>,
     l1: L1Cache,
+    /// Ids enqueued and not yet settled (`status`).
+    pending: pending::PendingIds,
     stores: Option<Arc<Stores>>,
     queue_tx: Option<mpsc::Sender<Queued>>,
     /// Graceful stop: close the queue, flush, finish.
@@ -170,6 +178,7 @@ impl SyncEngine {
     pub fn new(config: SyncEngineConfig, config_rx: watch::Receiver<SyncEngineConfig>) -> SyncEngine {
         SyncEngine {
             l1: L1Cache::new(config.l1_max_bytes),
+            pending: Default::default(),
             config,
             config_rx,
             stores: None,
@@ -307,6 +316,7 @@ impl SyncEngine {
             let _ = ack.send(Ok(Tier::L1));
             return Ok(SettleReceipt(receipt));
         }
+        let ack = self.pending.track(&item.id, ack);
         queue_tx
             .send(Queued::Item(Pending { item, enqueued_at: std::time::Instant::now(), options, ack }))
             .await

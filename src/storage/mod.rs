@@ -10,6 +10,8 @@ pub mod sql;
 mod sql_mysql;
 mod sql_sqlite;
 
+use crate::item::SyncItem;
+
 /// Why a write or read failed, sorted for the caller (invariant 4).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -23,6 +25,22 @@ pub enum StoreError {
     /// timeout): retry soon; it says nothing about the store's health.
     #[error("transient store error: {0}")]
     Transient(String),
+}
+
+/// An item as a tier stores it, with the content hash stored beside it: L3's `content_hash`
+/// column, L2's `h` field (`None` for an L2 entry written before `h` existed). What
+/// `SyncEngine::get_verified` checks the content against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub item: SyncItem,
+    pub stored_hash: Option<[u8; 32]>,
+}
+
+impl Stored {
+    /// Whether the content matches the stored hash; `None` when there is no stored hash.
+    pub fn hash_matches(&self) -> Option<bool> {
+        self.stored_hash.map(|hash| hash == self.item.content_hash())
+    }
 }
 
 /// One stored row, as read back for verification.

@@ -2,7 +2,9 @@
 //! told apart at connect time by the first server that answers `INFO cluster`. Each item is a
 //! hash under `prefix + id` with fields `v` (version), `c` (content), `t` (content type), `d`
 //! (`1` for a tombstone), plus `ot`/`op`/`oo`, the origin topic, partition and offset that
-//! break ties at equal versions (readers may ignore them).
+//! break ties at equal versions (readers may ignore them), and `h`, the SHA-256 of `c` in
+//! lowercase hex, which verified reads check the content against (entries written before `h`
+//! existed lack it).
 //!
 //! Writes are version-guarded by a Lua script that runs on the key's server, so a write never
 //! replaces a newer version (invariant 2). A second script drops an entry that is behind a
@@ -23,7 +25,7 @@ use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::redis_cluster::ClusterL2;
 use crate::storage::redis_standalone::StandaloneL2;
 use crate::storage::sql::HeldRow;
-use crate::storage::StoreError;
+use crate::storage::{Stored, StoreError};
 
 /// The least time between two reconnects.
 pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(3);
@@ -48,7 +50,7 @@ if current[1] then
     if not greater(ARGV[8], current[4]) then return 0 end
   end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2], 't', ARGV[3], 'd', ARGV[4], 'ot', ARGV[6], 'op', ARGV[7], 'oo', ARGV[8])
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2], 't', ARGV[3], 'd', ARGV[4], 'ot', ARGV[6], 'op', ARGV[7], 'oo', ARGV[8], 'h', ARGV[9])
 if ARGV[5] == '0' then redis.call('PERSIST', KEYS[1]) else redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 "#;
@@ -221,6 +223,40 @@ impl RedisStore {
         };
         Ok(item_from_fields(id, &fields))
     }
+
+    /// The stored items of these ids (tombstones included), by id. An id whose key L2 could
+    /// not read is left out, as if missing: the caller reads it from L3 (invariant 6 makes
+    /// that the same answer).
+    pub async fn get_many(&self, ids: &[&str]) -> HashMap<String, Stored> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for id in ids {
+            match self.get_stored(id).await {
+                Ok(Some(stored)) => {
+                    found.insert((*id).to_owned(), stored);
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "L2 read failed, reading from L3"),
+            }
+        }
+        found
+    }
+
+    /// The stored item with the hash stored beside it (`h`; `None` for an entry written
+    /// before L2 stored hashes).
+    pub async fn get_stored(&self, id: &str) -> Result<Option<Stored>, StoreError> {
+        let key = self.key(id);
+        let fields = match &self.backend {
+            Backend::Cluster(cluster) => cluster.hash(&key).await?,
+            Backend::Standalone(standalone) => standalone.hash(&key).await?,
+        };
+        Ok(stored_from_fields(id, &fields))
+    }
+
+    /// Whether the id has an entry, without its content: `Some(true)` live, `Some(false)` a
+    /// tombstone, `None` no entry.
+    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        Ok(self.get_stored(id).await?.map(|stored| !stored.item.is_tombstone()))
+    }
 }
 
 /// What the first Redis that answered said it is. A standalone server's probe connection is
@@ -388,7 +424,7 @@ impl Args for ScriptInvocation<'_> {
     }
 }
 
-/// The script's arguments: version, content, type, tombstone flag, ttl, origin.
+/// The script's arguments: version, content, type, tombstone flag, ttl, origin, content hash.
 fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
     let origin = item.origin.as_ref();
     target
@@ -399,7 +435,8 @@ fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
         .push_arg(ttl_secs.to_string())
         .push_arg(origin.map_or("", |o| o.topic.as_ref()))
         .push_arg(origin.map_or(String::new(), |o| o.partition.to_string()))
-        .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()));
+        .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()))
+        .push_arg(hash_to_hex(&item.content_hash()));
 }
 
 /// The drop script's arguments: L3's row version and origin.
@@ -434,6 +471,30 @@ fn item_from_fields(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<SyncI
     })
 }
 
+fn stored_from_fields(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<Stored> {
+    let item = item_from_fields(id, fields)?;
+    // A hash field of the wrong length matches no content: reported as a mismatch.
+    let stored_hash = fields.get("h").map(|hash| hash_from_hex(hash).unwrap_or([0; 32]));
+    Some(Stored { item, stored_hash })
+}
+
+/// A SHA-256 as 64 lowercase hex digits: how `h` stores it, readable with `redis-cli`.
+fn hash_to_hex(hash: &[u8; 32]) -> String {
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The 32 bytes of a 64-digit hex SHA-256.
+fn hash_from_hex(hex: &[u8]) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (byte, pair) in hash.iter_mut().zip(hex.chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(hash)
+}
+
 pub(super) fn unavailable(error: redis::RedisError) -> StoreError {
     StoreError::Unavailable(crate::config::redact_url(&error.to_string()))
 }
@@ -441,6 +502,17 @@ pub(super) fn unavailable(error: redis::RedisError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hash_goes_to_hex_and_back() {
+        let hash = crate::item::content_hash(b"abc");
+        let hex = hash_to_hex(&hash);
+        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(hash_from_hex(hex.as_bytes()), Some(hash));
+        assert_eq!(hash_from_hex(hex.to_uppercase().as_bytes()), Some(hash));
+        assert_eq!(hash_from_hex(&hex.as_bytes()[..62]), None);
+        assert_eq!(hash_from_hex(&[b'g'; 64]), None);
+    }
 
     #[test]
     fn info_cluster_tells_the_mode() {

@@ -20,10 +20,16 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::item::{ContentType, Origin, SyncItem};
-use crate::storage::{sql_mysql, sql_sqlite, RowSummary, StoreError};
+use crate::storage::{sql_mysql, sql_sqlite, RowSummary, Stored, StoreError};
 
 /// Rows per statement, largest first; a batch is cut greedily into these sizes.
 pub const CHUNK_SIZES: [usize; 4] = [1000, 100, 10, 1];
+/// Ids per `SELECT … WHERE id IN (…)` of a multi-id read: one statement per thousand ids keeps
+/// a read of any size to a few round trips, far below MySQL's 65,535 placeholders.
+pub const READ_CHUNK_IDS: usize = 1000;
+/// IN-list lengths a read chunk is padded up to (with its last id repeated, which `IN` ignores),
+/// so reads prepare at most four statements per connection instead of one per length.
+const READ_SHAPES: [usize; 4] = [1, 10, 100, READ_CHUNK_IDS];
 /// Bytes of content per statement, well under MariaDB's default 16 MiB max_allowed_packet.
 pub const CHUNK_MAX_BYTES: usize = 4 << 20;
 
@@ -113,6 +119,44 @@ impl SqlStore {
         }
     }
 
+    /// The stored items (tombstones included) of these ids, with the hash each row holds: one
+    /// statement per `READ_CHUNK_IDS` ids. Ids without a row are simply absent.
+    pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<Stored>, StoreError> {
+        let mut stored = Vec::with_capacity(ids.len());
+        for chunk in read_chunks(ids) {
+            let rows = match self {
+                SqlStore::MySql(store) => store.stored_in(&chunk).await?,
+                SqlStore::Sqlite(store) => store.stored_in(&chunk).await?,
+            };
+            stored.extend(rows);
+        }
+        Ok(stored)
+    }
+
+    /// The stored item with its row's hash (a tombstone comes back with `content: None`).
+    pub async fn get_stored(&self, id: &str) -> Result<Option<Stored>, StoreError> {
+        Ok(self.get_many(&[id]).await?.pop())
+    }
+
+    /// Whether the id has a row, without its content: `Some(true)` live, `Some(false)` a
+    /// tombstone, `None` no row.
+    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.live(id).await,
+            SqlStore::Sqlite(store) => store.live(id).await,
+        }
+    }
+
+    /// How many `SELECT`s the multi-id and liveness reads have sent since connect: lets tests
+    /// check that `get_many` is chunked, without timing anything.
+    pub fn read_statements(&self) -> u64 {
+        let counter = match self {
+            SqlStore::MySql(store) => &store.read_statements,
+            SqlStore::Sqlite(store) => &store.read_statements,
+        };
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every row's id, version, hash and tombstone flag (verification and the demo's check).
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
         match self {
@@ -144,6 +188,43 @@ pub fn chunks<'a, 'b>(items: &'b [&'a SyncItem], max_bytes: usize) -> Vec<&'b [&
         rest = tail;
     }
     out
+}
+
+/// Cuts ids into IN-lists of at most `READ_CHUNK_IDS`, each padded to one of `READ_SHAPES`.
+pub fn read_chunks<'a>(ids: &[&'a str]) -> Vec<Vec<&'a str>> {
+    ids.chunks(READ_CHUNK_IDS)
+        .map(|chunk| {
+            let shape = READ_SHAPES.iter().copied().find(|&shape| shape >= chunk.len()).unwrap_or(chunk.len());
+            let mut padded = chunk.to_vec();
+            padded.resize(shape, chunk[chunk.len() - 1]);
+            padded
+        })
+        .collect()
+}
+
+/// `SELECT` of the stored items of `ids` ids, with their hashes.
+pub fn stored_items_sql(table: &str, ids: usize) -> String {
+    let list = vec!["?"; ids].join(", ");
+    format!(
+        "SELECT id, version, content, content_type, content_hash, origin_topic, origin_partition, origin_offset \
+         FROM {table} WHERE id IN ({list})"
+    )
+}
+
+/// A `Stored` from a `stored_items_sql` row; the version is decoded by the caller.
+pub fn stored_from_row<'r, R>(row: &'r R, version: u64) -> Result<Stored, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let hash: Vec<u8> = column(row, "content_hash")?;
+    // A hash column of the wrong length cannot match any content: reported as a mismatch.
+    let stored_hash = Some(hash.try_into().unwrap_or([0; 32]));
+    Ok(Stored { item: item_from_row(row, version)?, stored_hash })
 }
 
 fn content_bytes(items: &[&SyncItem]) -> usize {
@@ -319,6 +400,20 @@ mod tests {
         let capped: Vec<usize> = chunks(&items, 660).iter().map(|chunk| chunk.len()).collect();
         assert_eq!(capped, [vec![10; 62], vec![1; 3]].concat());
         assert_eq!(sizes.iter().sum::<usize>(), 623);
+    }
+
+    #[test]
+    fn reads_take_a_thousand_ids_per_statement_padded_to_four_shapes() {
+        let names: Vec<String> = (0..2500).map(|n| n.to_string()).collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        let chunks = read_chunks(&ids);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![1000, 1000, 1000]);
+        // The last chunk is the last 500 ids, then the last id repeated.
+        assert_eq!(chunks[2][..500], ids[2000..]);
+        assert!(chunks[2][500..].iter().all(|id| *id == "2499"));
+        assert_eq!(read_chunks(&ids[..7]).iter().map(Vec::len).collect::<Vec<_>>(), vec![10]);
+        assert_eq!(read_chunks(&ids[..1])[0], vec!["0"]);
+        assert!(read_chunks(&[]).is_empty());
     }
 
     #[test]

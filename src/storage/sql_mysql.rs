@@ -3,17 +3,21 @@
 //! MariaDB has no `AS new` row alias, so the guard reads incoming values with `VALUES()`.
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError};
+use crate::storage::{RowSummary, Stored, StoreError};
 
 pub struct MySqlStore {
     pool: MySqlPool,
     table: String,
     /// The server's `max_allowed_packet`, read at connect: statements must stay under it.
     max_allowed_packet: u64,
+    /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
+    pub(super) read_statements: AtomicU64,
 }
 
 /// Room in a one-row statement for everything but the content (SQL text, id, hash, origin).
@@ -52,7 +56,7 @@ impl MySqlStore {
             .map_err(classify)?;
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
-        let store = MySqlStore { pool, table: table.to_owned(), max_allowed_packet };
+        let store = MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0) };
         store.migrate().await?;
         Ok(store)
     }
@@ -158,6 +162,29 @@ impl MySqlStore {
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
         row.map(|row| sql::item_from_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)).transpose()
+    }
+
+    /// The rows of these ids (one statement; ids may repeat), with their hashes.
+    pub async fn stored_in(&self, ids: &[&str]) -> Result<Vec<Stored>, StoreError> {
+        let statement = sql::stored_items_sql(&self.table, ids.len());
+        let mut query = sqlx::query(&statement);
+        for id in ids {
+            query = query.bind(id.as_bytes());
+        }
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| sql::stored_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?))
+            .collect()
+    }
+
+    /// `Some(true)` for a live row, `Some(false)` for a tombstone, `None` for no row.
+    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        let statement = format!("SELECT deleted FROM {} WHERE id = ?", self.table);
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        let deleted: Option<bool> =
+            sqlx::query_scalar(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
+        Ok(deleted.map(|deleted| !deleted))
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {

@@ -5,17 +5,20 @@
 //! `synchronous = FULL` because offsets are committed on this durability.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError};
+use crate::storage::{RowSummary, Stored, StoreError};
 
 pub struct SqliteStore {
     pool: SqlitePool,
     table: String,
+    /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
+    pub(super) read_statements: AtomicU64,
 }
 
 const MIGRATIONS: [(i64, &str); 1] = [(
@@ -55,7 +58,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        let store = SqliteStore { pool, table: table.to_owned() };
+        let store = SqliteStore { pool, table: table.to_owned(), read_statements: AtomicU64::new(0) };
         store.migrate().await?;
         Ok(store)
     }
@@ -147,6 +150,29 @@ impl SqliteStore {
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
         row.map(|row| sql::item_from_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)).transpose()
+    }
+
+    /// The rows of these ids (one statement; ids may repeat), with their hashes.
+    pub async fn stored_in(&self, ids: &[&str]) -> Result<Vec<Stored>, StoreError> {
+        let statement = sql::stored_items_sql(&self.table, ids.len());
+        let mut query = sqlx::query(&statement);
+        for id in ids {
+            query = query.bind(id.as_bytes());
+        }
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| sql::stored_from_row(row, row.try_get::<i64, _>("version").map_err(classify)? as u64))
+            .collect()
+    }
+
+    /// `Some(true)` for a live row, `Some(false)` for a tombstone, `None` for no row.
+    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
+        let statement = format!("SELECT deleted FROM {} WHERE id = ?", self.table);
+        self.read_statements.fetch_add(1, Ordering::Relaxed);
+        let deleted: Option<bool> =
+            sqlx::query_scalar(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
+        Ok(deleted.map(|deleted| !deleted))
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
