@@ -61,7 +61,7 @@ pub mod workload;
 // What a library user needs, at the root (README "From the seed" maps the original names).
 pub use batch::{Batch, BatchConfig, FlushReason, HybridBatcher, SizedItem};
 pub use config::{Config, SyncEngineConfig};
-pub use engine::{EngineError, EngineState, SettleError, SettleReceipt, SyncEngine, Tier};
+pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
 pub use resilience::circuit_breaker::CircuitBreaker;
