@@ -146,10 +146,8 @@ async fn get_many_returns_exactly_the_live_ids_and_fills_l1_and_l2(l2: L2, test:
     submit_routed(&reader, tombstones(&deleted_l3), only(false, false, true)).await;
     assert_eq!(reader.len().await, 12, "only the L1-routed items are in L1");
 
-    let every: Vec<&str> = [&in_l1, &in_l2, &in_l3, &missing, &deleted_l2, &deleted_l3]
-        .into_iter()
-        .flat_map(|ids| refs(ids))
-        .collect();
+    let every: Vec<&str> =
+        [&in_l1, &in_l2, &in_l3, &missing, &deleted_l2, &deleted_l3].into_iter().flat_map(|ids| refs(ids)).collect();
     let l3 = reader.l3().unwrap();
     let statements = l3.read_statements();
     let found = reader.get_many(&every).await.unwrap();
@@ -344,7 +342,10 @@ async fn get_verified_detects_content_altered_in_sql() {
     let metrics = sync_engine::metrics::install();
     let names = Names::new("reads_verify_sql");
     let writer = engine(config(&names, L2::Standalone)).await;
-    writer.submit_many(vec![SyncItem::new("sound", b"sound".to_vec()), SyncItem::new("altered", b"a".to_vec())]).await.unwrap();
+    writer
+        .submit_many(vec![SyncItem::new("sound", b"sound".to_vec()), SyncItem::new("altered", b"a".to_vec())])
+        .await
+        .unwrap();
     stop(writer).await;
     let mut sql = sqlx::MySqlConnection::connect(&mysql_url()).await.unwrap();
     let update = format!("UPDATE {} SET content = ? WHERE id = ?", names.table);

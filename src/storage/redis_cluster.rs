@@ -168,6 +168,89 @@ impl ClusterL2 {
         self.connection.get().hgetall(key).await.map_err(unavailable)
     }
 
+    /// The fields of the hashes at `keys`, as one pipeline of `HGETALL`s per master: per key,
+    /// its fields (empty when there is no hash), or `None` where the read failed. Keys a
+    /// pipeline could not read are read one by one through the cluster client, which follows
+    /// redirects (a stale slot map), as writes are.
+    pub(super) async fn hashes(&self, keys: &[String]) -> Vec<Option<HashMap<String, Vec<u8>>>> {
+        let mut replies = vec![None; keys.len()];
+        let retry: Vec<usize> = match self.slot_map().await {
+            Some(map) => {
+                let mut by_node: HashMap<&Node, Vec<usize>> = HashMap::new();
+                let mut unmapped = Vec::new();
+                for (index, key) in keys.iter().enumerate() {
+                    match map.node(key_slot(key.as_bytes())) {
+                        Some(node) => by_node.entry(node).or_default().push(index),
+                        None => unmapped.push(index),
+                    }
+                }
+                let pipelines = by_node.into_iter().map(|(node, indexes)| self.read_pipeline(node, keys, indexes));
+                let mut failed = unmapped;
+                for (indexes, values) in futures::future::join_all(pipelines).await {
+                    for (index, value) in indexes.into_iter().zip(values) {
+                        match value.and_then(|value| redis::from_redis_value(value).ok()) {
+                            Some(fields) => replies[index] = Some(fields),
+                            None => failed.push(index),
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    self.forget_slot_map();
+                }
+                failed
+            }
+            None => (0..keys.len()).collect(),
+        };
+        let reads = retry.iter().map(|&index| {
+            let mut connection = self.connection.get();
+            async move { (index, connection.hgetall(&keys[index]).await) }
+        });
+        let mut failures = 0;
+        for (index, result) in futures::future::join_all(reads).await {
+            match result {
+                Ok(fields) => replies[index] = Some(fields),
+                Err(_) => failures += 1,
+            }
+        }
+        if failures > 0 {
+            self.reconnect().await;
+        }
+        replies
+    }
+
+    /// One pipeline of `HGETALL`s to one master: its indexes and, per index, the reply
+    /// (`None` for all of them when the pipeline failed).
+    async fn read_pipeline(
+        &self,
+        node: &Node,
+        keys: &[String],
+        indexes: Vec<usize>,
+    ) -> (Vec<usize>, Vec<Option<Value>>) {
+        let mut pipeline = redis::pipe();
+        for &index in &indexes {
+            pipeline.cmd("HGETALL").arg(&keys[index]);
+        }
+        let route = SingleNodeRoutingInfo::ByAddress { host: node.0.clone(), port: node.1 };
+        match self.connection.get().route_pipeline(pipeline, 0, indexes.len(), route).await {
+            Ok(values) if values.len() == indexes.len() => (indexes, values.into_iter().map(Some).collect()),
+            Ok(values) => {
+                tracing::debug!(node = %node.1, got = values.len(), "pipeline answered with the wrong number of replies");
+                let none = vec![None; indexes.len()];
+                (indexes, none)
+            }
+            Err(error) => {
+                tracing::debug!(node = %node.1, %error, "pipeline to an L2 node failed, reading its keys one by one");
+                let none = vec![None; indexes.len()];
+                (indexes, none)
+            }
+        }
+    }
+
+    /// Some fields of the hash at `key` (`HMGET`), `None` for each one it lacks.
+    pub(super) async fn fields(&self, key: &str, names: &[&str]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        redis::cmd("HMGET").arg(key).arg(names).query_async(&mut self.connection.get()).await.map_err(unavailable)
+    }
+
     /// Replaces the connection with a fresh one (at most every `RECONNECT_EVERY`). After a
     /// master dies, the client's own slot map can keep pointing at it: its background
     /// repair runs before the failover completes and never looks again. A new connection

@@ -131,6 +131,37 @@ impl StandaloneL2 {
         self.checked(result).await
     }
 
+    /// The fields of the hashes at `keys`, as one pipeline of `HGETALL`s: per key, its fields
+    /// (empty when there is no hash), or `None` where the read failed.
+    pub(super) async fn hashes(&self, keys: &[String]) -> Vec<Option<HashMap<String, Vec<u8>>>> {
+        let mut pipeline = redis::pipe();
+        // Every reply comes back, errors as values: one failed read must not hide the others.
+        pipeline.ignore_errors();
+        for key in keys {
+            pipeline.cmd("HGETALL").arg(key);
+        }
+        let reply: redis::RedisResult<Vec<Value>> = pipeline.query_async(&mut self.connection.get()).await;
+        match reply {
+            Ok(values) if values.len() == keys.len() => {
+                values.into_iter().map(|value| redis::from_redis_value(value).ok()).collect()
+            }
+            Ok(values) => {
+                tracing::debug!(got = values.len(), "pipeline answered with the wrong number of replies");
+                vec![None; keys.len()]
+            }
+            Err(error) => {
+                self.after_failure(&error).await;
+                vec![None; keys.len()]
+            }
+        }
+    }
+
+    /// Some fields of the hash at `key` (`HMGET`), `None` for each one it lacks.
+    pub(super) async fn fields(&self, key: &str, names: &[&str]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let result = redis::cmd("HMGET").arg(key).arg(names).query_async(&mut self.connection.get()).await;
+        self.checked(result).await
+    }
+
     /// The result, after replacing the connection if it failed for want of one.
     async fn checked<T>(&self, result: redis::RedisResult<T>) -> Result<T, StoreError> {
         match result {

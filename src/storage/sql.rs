@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::item::{ContentType, Origin, SyncItem};
-use crate::storage::{sql_mysql, sql_sqlite, RowSummary, Stored, StoreError};
+use crate::storage::{sql_mysql, sql_sqlite, RowSummary, StoreError, Stored};
 
 /// Rows per statement, largest first; a batch is cut greedily into these sizes.
 pub const CHUNK_SIZES: [usize; 4] = [1000, 100, 10, 1];

@@ -9,7 +9,7 @@ use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, Stored, StoreError};
+use crate::storage::{RowSummary, StoreError, Stored};
 
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -56,7 +56,8 @@ impl MySqlStore {
             .map_err(classify)?;
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
-        let store = MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0) };
+        let store =
+            MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0) };
         store.migrate().await?;
         Ok(store)
     }
@@ -173,9 +174,7 @@ impl MySqlStore {
         }
         self.read_statements.fetch_add(1, Ordering::Relaxed);
         let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| sql::stored_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?))
-            .collect()
+        rows.iter().map(|row| sql::stored_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?)).collect()
     }
 
     /// `Some(true)` for a live row, `Some(false)` for a tombstone, `None` for no row.

@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, Stored, StoreError};
+use crate::storage::{RowSummary, StoreError, Stored};
 
 pub struct SqliteStore {
     pool: SqlitePool,
