@@ -441,3 +441,30 @@ async fn status_moves_from_pending_to_the_fastest_tier_that_holds_the_item() {
     assert!(!engine.contains("s.unknown").await.unwrap());
     stop(engine).await;
 }
+
+/// The same reads on SQLite, the single-node L3 (no L2: every miss goes to L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_and_get_verified_read_sqlite_too() {
+    let names = Names::new("reads_sqlite");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let config = SyncEngineConfig {
+        redis_url: None,
+        sql_url: Some(Secret::new(format!("sqlite://{}?mode=rwc", file.path().display()))),
+        ..engine_config(&names)
+    };
+    let writer = engine(config.clone()).await;
+    let written = ids("lite", 120);
+    writer.submit_many(items(&written)).await.unwrap();
+    writer.delete_many(&["lite.0"]).await.unwrap();
+    stop(writer).await;
+
+    let reader = engine(config).await;
+    let l3 = reader.l3().unwrap();
+    let before = l3.read_statements();
+    let found = reader.get_many(&refs(&written)).await.unwrap();
+    assert_eq!((found.len(), l3.read_statements() - before), (119, 1));
+    assert!(!found.contains_key("lite.0"));
+    assert_eq!(reader.get_verified("lite.7").await.unwrap().unwrap().content.as_deref(), Some(&b"lite.7"[..]));
+    assert!(reader.get_verified("lite.0").await.unwrap().is_none(), "a tombstone verifies and reads as none");
+    stop(reader).await;
+}
