@@ -12,9 +12,9 @@ use redis::AsyncCommands;
 use sqlx::{Connection, Executor};
 use sync_engine::config::Secret;
 use sync_engine::storage::redis::RedisStore;
-// `ItemStatus` through `engine::` until the crate root re-exports it.
-use sync_engine::engine::ItemStatus;
-use sync_engine::{CacheTtl, EngineError, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers};
+use sync_engine::{
+    CacheTtl, EngineError, ItemStatus, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers,
+};
 use tokio::sync::watch;
 
 #[derive(Clone, Copy, Debug)]
