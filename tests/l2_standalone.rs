@@ -6,17 +6,15 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use redis::AsyncCommands;
 use sync_engine::config::Secret;
 use sync_engine::demo::compare;
-use sync_engine::item::content_hash;
 use sync_engine::storage::redis::{L2Mode, L2Op, RedisStore};
 use sync_engine::storage::sql::HeldRow;
 use sync_engine::workload::Workload;
@@ -55,22 +53,7 @@ type L2State = BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>>;
 /// Like `common::l2_state`, read from the standalone Redis.
 async fn standalone_l2_state(prefix: &str, ids: impl Iterator<Item = String>) -> L2State {
     let mut connection = raw_connection(&standalone_url()).await;
-    let mut state = BTreeMap::new();
-    for id in ids {
-        let key = format!("{prefix}{id}");
-        let fields: HashMap<String, Vec<u8>> = connection.hgetall(&key).await.expect("hgetall");
-        let entry = if fields.is_empty() {
-            None
-        } else {
-            let version = String::from_utf8(fields["v"].clone()).unwrap().parse().unwrap();
-            let deleted = fields.get("d").map(|d| d.as_slice()) == Some(b"1");
-            let hash = (!deleted).then(|| content_hash(&fields["c"]));
-            let ttl: i64 = connection.ttl(&key).await.expect("ttl");
-            Some((version, hash, ttl))
-        };
-        state.insert(id, entry);
-    }
-    state
+    l2_state_on(&mut connection, prefix, ids).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

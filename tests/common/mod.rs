@@ -366,12 +366,21 @@ pub async fn l2_state_at(
     names: &Names,
     ids: impl Iterator<Item = String>,
 ) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
-    use redis::AsyncCommands;
     let client = redis::cluster::ClusterClient::new(urls.to_vec()).expect("cluster client");
     let mut connection = client.get_async_connection().await.expect("cluster connection");
+    l2_state_on(&mut connection, &names.prefix, ids).await
+}
+
+/// Per id: `(version, sha256 of the content or None for a tombstone, ttl)`, or None if the
+/// key is absent, read over any Redis connection (a Cluster's or a standalone server's).
+pub async fn l2_state_on<C: redis::AsyncCommands>(
+    connection: &mut C,
+    prefix: &str,
+    ids: impl Iterator<Item = String>,
+) -> BTreeMap<String, Option<(u64, Option<[u8; 32]>, i64)>> {
     let mut state = BTreeMap::new();
     for id in ids {
-        let key = format!("{}{}", names.prefix, id);
+        let key = format!("{prefix}{id}");
         let fields: HashMap<String, Vec<u8>> = connection.hgetall(&key).await.expect("hgetall");
         let entry = if fields.is_empty() {
             None
