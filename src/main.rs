@@ -97,7 +97,7 @@ async fn run_worker() -> anyhow::Result<ExitCode> {
     let probe = ready_probe(started_engine.clone());
     let stats = Arc::new(WorkerStats::default());
     let lag_source = stats.clone();
-    let lag: metrics::ExtraMetrics = Arc::new(move || lag_source.lag.render(sync_engine::kafka::lag::now_ms()));
+    let lag: metrics::ExtraMetrics = Arc::new(move || lag_source.lag.render(sync_engine::item::now_ms() as i64));
     let bound = metrics::serve(config.metrics_addr, handle, readiness.clone(), probe, lag, stop.child_token()).await?;
     tracing::info!(%bound, "metrics and health endpoint listening");
     let mut engine = SyncEngine::new(config.engine.clone(), watch::channel(config.engine.clone()).1);

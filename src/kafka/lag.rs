@@ -89,10 +89,6 @@ impl LagBoard {
         }
     }
 
-    pub fn owned(&self) -> Vec<TopicPartition> {
-        self.lock().keys().cloned().collect()
-    }
-
     /// The owned partitions' lag in the Prometheus text format.
     pub fn render(&self, now_ms: i64) -> String {
         let owned = self.lock();
@@ -128,10 +124,6 @@ impl LagBoard {
 fn labels(topic: &str, partition: i32) -> String {
     let topic = topic.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
     format!("topic=\"{topic}\",partition=\"{partition}\"")
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as i64)
 }
 
 #[cfg(test)]
