@@ -347,8 +347,8 @@ impl PollLoop {
             match command {
                 ConsumerCommand::Commit { offsets, sync } => self.commit(offsets, sync),
                 ConsumerCommand::StopFetching => {
+                    // Revokes are still sent to the worker: it answers them while it drains.
                     self.fetching = false;
-                    self.consumer.context().closing.store(true, Ordering::SeqCst);
                     self.set_paused(true);
                 }
                 ConsumerCommand::Stop => return false,

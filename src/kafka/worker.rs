@@ -135,6 +135,9 @@ const UNTRACKED: Generation = 0;
 /// At shutdown, the part of the grace kept for the final commit (at most a quarter of it).
 const FINAL_COMMIT_RESERVE: Duration = Duration::from_secs(2);
 
+/// How long the final commit waits for its confirmation before committing again.
+const FINAL_COMMIT_RETRY: Duration = Duration::from_millis(500);
+
 /// Runs a worker until `stop` is cancelled, then drains within `grace` and leaves the group.
 /// Returns an error if the drain did not complete (some items were left unsettled) or the
 /// final commit was not confirmed; either way it returns by the end of the grace.
@@ -575,6 +578,9 @@ impl Worker {
             tracing::warn!("the consumer thread is gone, the final commit is lost");
             return false;
         }
+        // A commit refused by the coordinator (a rebalance under way, another member leaving)
+        // is never confirmed: offer what is still due again until it is, or the deadline.
+        let mut retry = tokio::time::interval_at(Instant::now() + FINAL_COMMIT_RETRY, FINAL_COMMIT_RETRY);
         while !self.tracker.commits_due().is_empty() {
             tokio::select! {
                 event = events_rx.recv() => match event {
@@ -582,6 +588,13 @@ impl Worker {
                     None => break,
                 },
                 Some(event) = rebalance_rx.recv() => self.on_shutdown_rebalance(event),
+                _ = retry.tick() => {
+                    let offsets = self.tracker.commits_due();
+                    tracing::info!(partitions = offsets.len(), "final commit not confirmed yet, committing again");
+                    if commands_tx.send(ConsumerCommand::Commit { offsets, sync: true }).is_err() {
+                        break;
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
