@@ -128,7 +128,12 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// `SYNC_LOG`: a tracing filter (`info`, `info,sync_engine=debug`); changes live.
+    pub log_filter: String,
 }
+
+/// What `SYNC_LOG` defaults to: our own logs at info, the clients' only when they warn.
+pub const DEFAULT_LOG_FILTER: &str = "info,librdkafka=warn,rdkafka=warn,sqlx=warn";
 
 /// Every bad variable, by name.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +246,10 @@ impl Config {
                 LogFormat::Text
             }
         };
+        let log_filter = r.text("SYNC_LOG", DEFAULT_LOG_FILTER);
+        if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
+            r.problem("SYNC_LOG", "expected a tracing filter such as info or info,sync_engine=debug");
+        }
         let metrics_addr = r.text("SYNC_METRICS_ADDR", "0.0.0.0:9090");
         let metrics_addr = metrics_addr.parse().unwrap_or_else(|_| {
             r.problem("SYNC_METRICS_ADDR", format!("expected host:port, got {metrics_addr:?}"));
@@ -295,7 +304,7 @@ impl Config {
             max_item_bytes: Some(kafka.max_item_bytes as u64),
             shutdown_grace,
         };
-        let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format };
+        let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
             Ok(config)
         } else {

@@ -16,8 +16,13 @@
 //! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain and L2 repair tasks |
 //! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
-//! | `metrics` | every metric name, `/metrics`, `/health/live`, `/health/ready` |
-//! | `demo`, `produce`, `inspect`, `replay` | the embedded demo, the load generator, committed offsets, moving a group's offsets for a replay (CLI) |
+//! | `metrics` | every metric name and its description |
+//! | `http` | the endpoint: `/metrics`, `/health/live`, `/health/ready` |
+//! | `workload` | the generated workload (updates, deletes, poison) and its L3 check, for the demo, the benchmark and tests |
+//! | `rfc3339` | RFC 3339 times ↔ epoch milliseconds, for `replay --to-datetime` |
+//!
+//! The command's subcommands (`run`, `demo`, `produce`, `offsets`, `replay`, `ceiling`) are
+//! the binary's `src/cli/`, not part of the library.
 //!
 //! # Glossary
 //!
@@ -44,17 +49,15 @@ pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod decode;
-pub mod demo;
 pub mod engine;
-pub mod inspect;
+pub mod http;
 pub mod item;
 pub mod kafka;
 pub mod metrics;
 pub mod options;
 pub mod pressure;
-pub mod produce;
-pub mod replay;
 pub mod resilience;
+pub mod rfc3339;
 pub mod storage;
 pub mod workload;
 

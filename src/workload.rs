@@ -220,3 +220,36 @@ mod tests {
         assert!(workload.expected().values().any(|e| e.content_hash.is_none()));
     }
 }
+
+/// Every expected id must be in L3 with its version and hash (or as a tombstone), and L3
+/// must hold nothing else.
+pub fn compare(workload: &Workload, rows: &[crate::storage::RowSummary]) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    let expected = workload.expected();
+    for row in rows {
+        match expected.get(&row.id) {
+            None => mismatches.push(format!("{}: in L3 but never produced", row.id)),
+            Some(want) => {
+                let hash_ok = match want.content_hash {
+                    Some(hash) => !row.deleted && row.content_hash == hash,
+                    None => row.deleted,
+                };
+                if row.version != want.version || !hash_ok {
+                    mismatches.push(format!(
+                        "{}: L3 has version {} deleted={}, expected version {} deleted={}",
+                        row.id,
+                        row.version,
+                        row.deleted,
+                        want.version,
+                        want.content_hash.is_none()
+                    ));
+                }
+            }
+        }
+    }
+    let stored: std::collections::HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
+    for id in expected.keys().filter(|id| !stored.contains(id.as_str())) {
+        mismatches.push(format!("{id}: missing from L3"));
+    }
+    mismatches
+}

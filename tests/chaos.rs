@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::config::{SyncEngineConfig, Secret};
-use sync_engine::demo::compare;
+use sync_engine::workload::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::workload::Workload;
 

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::demo::compare;
+use sync_engine::workload::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::workload::Workload;
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::config::Secret;
-use sync_engine::demo::compare;
+use sync_engine::workload::compare;
 use sync_engine::storage::redis::{L2Mode, L2Op, RedisStore};
 use sync_engine::storage::sql::HeldRow;
 use sync_engine::workload::Workload;

@@ -10,7 +10,7 @@ use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
-use sync_engine::demo::compare;
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 4;

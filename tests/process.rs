@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::demo::compare;
-use sync_engine::metrics::{BreakerPosition, Readiness, ReadyProbe, ReadyState, REQUEST_TIMEOUT};
+use sync_engine::workload::compare;
+use sync_engine::http::{BreakerPosition, Readiness, ReadyProbe, ReadyState, REQUEST_TIMEOUT};
 use sync_engine::workload::Workload;
 use tokio_util::sync::CancellationToken;
 
@@ -163,9 +163,9 @@ async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_
     });
     let stop = CancellationToken::new();
     let any_port = "127.0.0.1:0".parse().unwrap();
-    let extra: sync_engine::metrics::ExtraMetrics = Arc::new(|| "sync_extra_series 1\n".to_owned());
+    let extra: sync_engine::http::ExtraMetrics = Arc::new(|| "sync_extra_series 1\n".to_owned());
     let bound =
-        sync_engine::metrics::serve(any_port, sync_engine::metrics::install(), readiness, probe, extra, stop.clone())
+        sync_engine::http::serve(any_port, sync_engine::metrics::install(), readiness, probe, extra, stop.clone())
             .await
             .expect("endpoint binds");
     let port = bound.port();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
-use sync_engine::replay;
+use sync_engine::kafka::group;
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 3;
@@ -55,11 +55,11 @@ async fn committed_now(names: &Names) -> HashMap<i32, i64> {
 }
 
 /// The group's members as the broker lists them.
-async fn members(names: &Names) -> Vec<replay::Member> {
+async fn members(names: &Names) -> Vec<group::Member> {
     let group = names.group.clone();
     tokio::task::spawn_blocking(move || {
-        let client = replay::client(&brokers(), &group).unwrap();
-        replay::group_members(&client, &group).unwrap().1
+        let client = group::client(&brokers(), &group).unwrap();
+        group::group_members(&client, &group).unwrap().1
     })
     .await
     .unwrap()
@@ -116,7 +116,7 @@ async fn replay_refuses_while_workers_run_and_a_replay_to_earliest_or_to_a_time_
     let consumed = run_worker_to_the_end(&names, &ends).await;
     assert!(consumed >= 4_000);
     let rows: L3 = l3_rows(&names).await;
-    assert_eq!(sync_engine::demo::compare(&workload, &rows), Vec::<String>::new(), "the first pass is exact");
+    assert_eq!(sync_engine::workload::compare(&workload, &rows), Vec::<String>::new(), "the first pass is exact");
     let l2 = l2_versions(&names, &workload).await;
     assert_eq!(compare_l2(&names, &workload).await, Vec::<String>::new(), "L2 holds every id after the first pass");
 
@@ -152,8 +152,8 @@ async fn replay_refuses_while_workers_run_and_a_replay_to_earliest_or_to_a_time_
     let group = names.group.clone();
     let topic = names.topic.clone();
     let outside_commit = tokio::task::spawn_blocking(move || {
-        let client = replay::client(&brokers(), &group).unwrap();
-        replay::commit_offsets(&client, &topic, &[(0, 0)])
+        let client = group::client(&brokers(), &group).unwrap();
+        group::commit_offsets(&client, &topic, &[(0, 0)])
     })
     .await
     .unwrap();
@@ -175,7 +175,7 @@ async fn replay_refuses_while_workers_run_and_a_replay_to_earliest_or_to_a_time_
     assert_eq!(l2_versions(&names, &workload).await, l2, "a replay changes no L2 version");
 
     // (d) Replay from a time between the phases: the offsets move to where phase two begins.
-    let at = replay::format_datetime(between);
+    let at = sync_engine::rfc3339::format_datetime(between);
     let replayed = run_replay(&names, &["--to-datetime", &at]).await;
     assert!(replayed.status.success(), "the replay to {at} succeeds");
     assert_eq!(committed_now(&names).await, phase_two_starts, "offsets at the first record of phase two");

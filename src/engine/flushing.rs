@@ -8,7 +8,7 @@
 //! never written to L2, and any L1 or L2 entry that L3's row supersedes is dropped, so reads
 //! fall through to L3 (invariant 6, docs/DESIGN.md). While L3 is unavailable (or its breaker
 //! is open) a batch is appended to the write-ahead log and settles there, and L2 gets the
-//! fresh items; the WAL drain applies L3's verdict later (`wal.rs`). A batch L3 rejects is
+//! fresh items; the WAL drain applies L3's verdict later (`wal_drain.rs`). A batch L3 rejects is
 //! split into single items, in their original order, so only the offending ones are rejected
 //! (then dead-lettered by the worker, and removed from L1 and L2).
 //!
@@ -262,7 +262,7 @@ async fn write_l3_accepted(
             // Every L3-bound item, in batch order, not only the newest per id: if L3 later
             // rejects the newest, an older valid version must still land (as on the live path).
             let all: Vec<&SyncItem> = to_l3.iter().map(|(_, p)| p.item.as_ref()).collect();
-            match super::wal::append(wal, &all).await {
+            match super::wal_drain::append(wal, &all).await {
                 Ok(()) => break L3Outcome::settled(Tier::Wal),
                 Err(error) => tracing::warn!(%error, "cannot append to the write-ahead log, retrying"),
             }

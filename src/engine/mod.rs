@@ -8,7 +8,7 @@
 //! it may commit; library users simply await `submit`.
 //!
 //! When L3 is unavailable (or its circuit breaker is open) a batch is appended and fsynced to
-//! the local write-ahead log instead and settles there (`wal.rs`); a drain task replays the
+//! the local write-ahead log instead and settles there (`wal_drain.rs`); a drain task replays the
 //! log into L3 once it answers again.
 //!
 //! Reads go L1 → L2 → L3 and fill the faster tiers on a hit. Shutdown closes the queue,
@@ -20,7 +20,7 @@ mod l2_repair;
 mod pending;
 mod reads;
 mod state;
-mod wal;
+mod wal_drain;
 
 pub use reads::ItemStatus;
 pub use state::EngineState;
@@ -146,7 +146,7 @@ pub(crate) struct Stores {
     pub l1: L1Cache,
     pub l2: Option<RedisStore>,
     pub l3: Option<SqlStore>,
-    pub wal: Option<wal::SharedWal>,
+    pub wal: Option<wal_drain::SharedWal>,
     /// Ids whose L2 write failed: repaired from L3 when Redis answers.
     pub l2_dirty: l2_repair::DirtyIds,
     pub l3_breaker: SharedBreaker,
@@ -219,7 +219,7 @@ impl SyncEngine {
         };
         let wal = match (&l3, &self.config.wal_dir) {
             (Some(_), Some(dir)) => {
-                Some(wal::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?)
+                Some(wal_drain::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?)
             }
             _ => None,
         };
@@ -255,7 +255,7 @@ impl SyncEngine {
         let (batch_tx, batch_rx) = mpsc::channel(2);
         self.tasks.spawn(batching::run(queue_rx, batch_tx, self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
-        self.tasks.spawn(wal::run_drain(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);

@@ -4,11 +4,25 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
 use crate::workload::OutgoingRecord;
+
+/// Why a record was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker did not take the record (librdkafka's error: timed out, too large, the
+    /// topic does not exist, authorization...).
+    #[error("delivery to topic {topic:?} failed: {source}")]
+    Delivery {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+}
 
 pub struct ItemProducer {
     producer: FutureProducer,
@@ -28,7 +42,7 @@ impl ItemProducer {
     }
 
     /// Sends one record; resolves with its partition and offset once the broker has it.
-    pub async fn send(&self, record: &OutgoingRecord) -> Result<(i32, i64), String> {
+    pub async fn send(&self, record: &OutgoingRecord) -> Result<(i32, i64), PublishError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(Header { key: name, value: Some(value) });
@@ -44,7 +58,7 @@ impl ItemProducer {
             .send(message, Duration::from_secs(30))
             .await
             .map(|delivery| (delivery.partition, delivery.offset))
-            .map_err(|(error, _)| error.to_string())
+            .map_err(|(source, _)| PublishError::Delivery { topic: self.topic.clone(), source })
     }
 
     pub fn flush(&self) {
@@ -73,7 +87,7 @@ pub async fn publish_all(
     records: impl IntoIterator<Item = OutgoingRecord>,
     rate_per_sec: u64,
     mut on_sent: impl FnMut(),
-) -> Result<EndOffsets, String> {
+) -> Result<EndOffsets, PublishError> {
     use futures::stream::FuturesUnordered;
     use futures::{FutureExt, StreamExt};
 

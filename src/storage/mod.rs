@@ -1,7 +1,6 @@
 //! The storage tiers behind L1: L2 (a Redis Cluster or a standalone Redis, `redis.rs`) and L3 (MySQL or SQLite,
 //! `sql.rs`). Library types stop here: the rest of the crate sees `SyncItem`s and `StoreError`.
 
-pub mod ceiling;
 pub mod redis;
 mod redis_cluster;
 mod redis_slots;

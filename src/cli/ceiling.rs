@@ -9,16 +9,16 @@ use std::time::Instant;
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::Connection;
 
-use crate::item::{content_hash, now_ms};
-use crate::storage::sql::{placeholders, COLUMNS, COLUMN_COUNT};
-use crate::workload::{OutgoingRecord, Workload};
+use sync_engine::item::{content_hash, now_ms};
+use sync_engine::storage::sql::{placeholders, COLUMNS, COLUMN_COUNT};
+use sync_engine::workload::{OutgoingRecord, Workload};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CeilingArgs {
     #[arg(long, env = "SYNC_SQL_URL")]
     pub sql_url: String,
     #[command(flatten)]
-    pub workload: crate::produce::WorkloadArgs,
+    pub workload: super::produce::WorkloadArgs,
     #[arg(long, default_value_t = 1000)]
     pub rows_per_statement: usize,
     #[arg(long, default_value = "ceiling_items")]
@@ -26,7 +26,7 @@ pub struct CeilingArgs {
 }
 
 pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
-    anyhow::ensure!(crate::config::is_sql_identifier(&args.table), "invalid table name");
+    anyhow::ensure!(sync_engine::config::is_sql_identifier(&args.table), "invalid table name");
     let pool = MySqlPoolOptions::new().max_connections(1).connect(&args.sql_url).await?;
     let mut connection = pool.acquire().await?;
     sqlx::query(&format!("DROP TABLE IF EXISTS {}", args.table)).execute(&mut *connection).await?;

@@ -1,5 +1,5 @@
 //! `sync-engine replay`: moves a consumer group's committed offsets on one topic, so the
-//! workers read a range of it again (issue 9, item 3).
+//! workers read a range of it again (the broker side is `sync_engine::kafka::group`).
 //!
 //! ```text
 //! sync-engine replay --group G --topic T
@@ -44,18 +44,13 @@
 //! `group.protocol=consumer`). librdkafka settings come from `SYNC_KAFKA_OPT_*`, with the
 //! worker's convention (`SYNC_KAFKA_OPT_SECURITY_PROTOCOL` → `security.protocol`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
+use anyhow::anyhow;
 
-/// Bound for every request to the broker.
-const TIMEOUT: Duration = Duration::from_secs(10);
+use sync_engine::kafka::group::{client, commit_offsets, offsets_at, partition_states, refuse_if_active, PartitionState};
+use sync_engine::rfc3339::{format_datetime, parse_datetime};
 
 #[derive(Clone, Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
@@ -187,141 +182,7 @@ fn parse_datetime_arg(text: &str) -> Result<Timestamp, String> {
     parse_datetime(text).map(Timestamp)
 }
 
-/// RFC 3339 (`2026-11-27T10:00:00Z`, `2026-11-27T11:00:00.250+01:00`; `t`, `z` and a space
-/// for `T` are accepted) → milliseconds since the Unix epoch. Fractions finer than a
-/// millisecond are truncated; leap seconds and times before 1970 are refused.
-pub fn parse_datetime(text: &str) -> Result<i64, String> {
-    let bad = |why: &str| format!("expected an RFC 3339 time like 2026-11-27T10:00:00Z, got {text:?}: {why}");
-    let b = text.trim().as_bytes();
-    let digits = |from: usize, len: usize| -> Result<i64, String> {
-        let slice = b.get(from..from + len).ok_or_else(|| bad("too short"))?;
-        if !slice.iter().all(u8::is_ascii_digit) {
-            return Err(bad("a digit is missing"));
-        }
-        Ok(slice.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
-    };
-    let expect = |at: usize, what: &[u8]| -> Result<(), String> {
-        match b.get(at) {
-            Some(c) if what.contains(c) => Ok(()),
-            _ => Err(bad(&format!(
-                "expected {:?} at position {}",
-                what.iter().map(|c| *c as char).collect::<String>(),
-                at + 1
-            ))),
-        }
-    };
-    let year = digits(0, 4)?;
-    expect(4, b"-")?;
-    let month = digits(5, 2)?;
-    expect(7, b"-")?;
-    let day = digits(8, 2)?;
-    expect(10, b"Tt ")?;
-    let hour = digits(11, 2)?;
-    expect(13, b":")?;
-    let minute = digits(14, 2)?;
-    expect(16, b":")?;
-    let second = digits(17, 2)?;
-    let mut at = 19;
-    let mut millis = 0;
-    if b.get(at) == Some(&b'.') {
-        at += 1;
-        let start = at;
-        while b.get(at).is_some_and(u8::is_ascii_digit) {
-            at += 1;
-        }
-        if at == start {
-            return Err(bad("no digits after the decimal point"));
-        }
-        let fraction = &b[start..at.min(start + 3)];
-        millis = fraction.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')) * 10_i64.pow(3 - fraction.len() as u32);
-    }
-    let offset_minutes = match b.get(at) {
-        Some(b'Z' | b'z') => {
-            at += 1;
-            0
-        }
-        Some(sign @ (b'+' | b'-')) => {
-            let hours = digits(at + 1, 2)?;
-            expect(at + 3, b":")?;
-            let minutes = digits(at + 4, 2)?;
-            if hours > 23 || minutes > 59 {
-                return Err(bad("the UTC offset is out of range"));
-            }
-            at += 6;
-            (hours * 60 + minutes) * if *sign == b'-' { -1 } else { 1 }
-        }
-        _ => return Err(bad("the UTC offset (Z or ±HH:MM) is missing")),
-    };
-    if at != b.len() {
-        return Err(bad("unexpected text after the time"));
-    }
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return Err(bad("no such date"));
-    }
-    if hour > 23 || minute > 59 || second > 59 {
-        return Err(bad("the time of day is out of range"));
-    }
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
-    let ms = seconds * 1000 + millis;
-    if ms < 0 {
-        return Err(bad("before 1970-01-01T00:00:00Z"));
-    }
-    Ok(ms)
-}
-
-/// Milliseconds since the epoch → `2026-11-27T10:00:00.000Z`.
-pub fn format_datetime(ms: i64) -> String {
-    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
-    let (year, month, day) = civil_from_days(days);
-    let (hour, minute) = (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60);
-    let (second, millis) = (ms_of_day / 1000 % 60, ms_of_day % 1000);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let days = days + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (year_of_era + era * 400 + i64::from(month <= 2), month, day)
-}
-
 // ---- offset computation (pure) ----
-
-/// One partition as read from the broker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PartitionState {
-    pub partition: i32,
-    /// The group's committed offset, if any.
-    pub committed: Option<i64>,
-    /// The earliest offset still retained (low watermark).
-    pub low: i64,
-    /// The end offset: the next record's offset (high watermark).
-    pub high: i64,
-}
 
 /// One partition's move. `after == before` means unchanged (nothing is committed for it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -443,170 +304,6 @@ pub fn render(moves: &[Move]) -> String {
     out
 }
 
-// ---- the broker ----
-
-/// A client of `group` that never subscribes, so it never joins the group. librdkafka
-/// settings from `SYNC_KAFKA_OPT_*` apply (SASL, TLS), except the ones this client fixes.
-pub fn client(brokers: &str, group: &str) -> anyhow::Result<BaseConsumer> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for (property, value) in passthrough(std::env::vars()) {
-        config.set(property, value);
-    }
-    config.set("group.id", group).set("enable.auto.commit", "false").set("allow.auto.create.topics", "false");
-    config.create().map_err(|error| match error {
-        // rdkafka's message repeats the value, which may be a password: name the property only.
-        rdkafka::error::KafkaError::ClientConfig(_, description, property, value) => anyhow!(
-            "cannot create the Kafka client: invalid librdkafka setting {property:?} (value not shown): {}",
-            if value.is_empty() { description } else { description.replace(&value, "***") }
-        ),
-        other => anyhow!("cannot create the Kafka client: {other}"),
-    })
-}
-
-/// `SYNC_KAFKA_OPT_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`, like the worker, minus
-/// the group-membership settings a client outside the group must not take over.
-pub fn passthrough(vars: impl IntoIterator<Item = (String, String)>) -> BTreeMap<String, String> {
-    vars.into_iter()
-        .filter_map(|(name, value)| {
-            let property = name.strip_prefix("SYNC_KAFKA_OPT_")?.to_ascii_lowercase().replace('_', ".");
-            let owned = ["group.id", "group.instance.id", "enable.auto.commit", "allow.auto.create.topics"];
-            (!owned.contains(&property.as_str())).then_some((property, value))
-        })
-        .collect()
-}
-
-/// A member of the group, as the broker describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    pub id: String,
-    pub client_id: String,
-    pub host: String,
-}
-
-/// The group's state and members (`Dead` with none for a group that does not exist).
-pub fn group_members(consumer: &BaseConsumer, group: &str) -> anyhow::Result<(String, Vec<Member>)> {
-    let list = consumer.fetch_group_list(Some(group), TIMEOUT).context("cannot describe the consumer group")?;
-    let Some(info) = list.groups().iter().find(|info| info.name() == group) else {
-        return Ok(("Dead".into(), Vec::new()));
-    };
-    let members = info
-        .members()
-        .iter()
-        .map(|m| Member { id: m.id().into(), client_id: m.client_id().into(), host: m.client_host().into() })
-        .collect();
-    Ok((info.state().to_owned(), members))
-}
-
-/// Err("stop the workers first: …") while the group has members or is rebalancing.
-pub fn refuse_if_active(consumer: &BaseConsumer, group: &str) -> anyhow::Result<()> {
-    let (state, members) = group_members(consumer, group)?;
-    if !members.is_empty() {
-        let mut message = format!(
-            "stop the workers first: consumer group {group:?} has {} active member(s) (state {state}):",
-            members.len()
-        );
-        for m in &members {
-            let _ = write!(message, "\n  member {} (client id {}, host {})", m.id, m.client_id, m.host);
-        }
-        message.push_str(
-            "\n(a worker stopped with static membership, SYNC_KAFKA_INSTANCE_ID, stays listed until its \
-             session.timeout.ms has passed)",
-        );
-        bail!("{message}");
-    }
-    if !matches!(state.as_str(), "Empty" | "Dead") {
-        bail!("stop the workers first: consumer group {group:?} is in state {state:?} (expected Empty); try again when it is empty");
-    }
-    Ok(())
-}
-
-/// Partitions of `topic`, their watermarks and the group's committed offsets.
-pub fn partition_states(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<PartitionState>> {
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT).context("cannot read the topic's metadata")?;
-    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        bail!("unknown topic {topic:?}");
-    };
-    match found.error() {
-        None => {}
-        Some(code) if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition => {
-            bail!("unknown topic {topic:?}")
-        }
-        Some(code) => bail!("cannot read topic {topic:?}: {}", RDKafkaErrorCode::from(code)),
-    }
-    let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
-    partitions.sort_unstable();
-    if partitions.is_empty() {
-        bail!("unknown topic {topic:?} (no partitions)");
-    }
-    let mut list = TopicPartitionList::new();
-    for partition in &partitions {
-        list.add_partition(topic, *partition);
-    }
-    let committed = consumer.committed_offsets(list, TIMEOUT).context("cannot read the group's committed offsets")?;
-    partitions
-        .iter()
-        .map(|partition| {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, *partition, TIMEOUT)
-                .with_context(|| format!("cannot read the watermarks of partition {partition}"))?;
-            let committed = match committed.find_partition(topic, *partition).map(|e| e.offset()) {
-                Some(Offset::Offset(offset)) => Some(offset),
-                _ => None,
-            };
-            Ok(PartitionState { partition: *partition, committed, low, high })
-        })
-        .collect()
-}
-
-/// For every partition: the offset of its first record at or after `ms`, or `None`.
-pub fn offsets_at(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partitions: &[i32],
-    ms: i64,
-) -> anyhow::Result<HashMap<i32, Option<i64>>> {
-    let mut list = TopicPartitionList::new();
-    for partition in partitions {
-        list.add_partition_offset(topic, *partition, Offset::Offset(ms))?;
-    }
-    let found = consumer.offsets_for_times(list, TIMEOUT).context("cannot look up offsets for the time")?;
-    found
-        .elements()
-        .iter()
-        .map(|element| {
-            if let Err(error) = element.error() {
-                bail!("partition {}: cannot look up the offset for the time: {error}", element.partition());
-            }
-            let offset = match element.offset() {
-                Offset::Offset(offset) if offset >= 0 => Some(offset),
-                Offset::End | Offset::Offset(_) => None,
-                other => bail!("partition {}: unexpected offset {other:?} for the time", element.partition()),
-            };
-            Ok((element.partition(), offset))
-        })
-        .collect()
-}
-
-/// Commits `offsets` for the consumer's group synchronously, then reads them back.
-pub fn commit_offsets(consumer: &BaseConsumer, topic: &str, offsets: &[(i32, i64)]) -> anyhow::Result<()> {
-    let mut list = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-    }
-    consumer
-        .commit(&list, CommitMode::Sync)
-        .context("the broker refused the commit (if a worker has joined the group: stop the workers first)")?;
-    let read = consumer.committed_offsets(list.clone(), TIMEOUT).context("cannot read the commit back")?;
-    for (partition, offset) in offsets {
-        let got = read.find_partition(topic, *partition).map(|e| e.offset());
-        if got != Some(Offset::Offset(*offset)) {
-            bail!("partition {partition}: committed {offset} but the group now has {got:?}");
-        }
-    }
-    Ok(())
-}
-
 pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let target = args.target();
     let consumer = client(&args.brokers, &args.group)?;
@@ -686,39 +383,9 @@ mod tests {
     }
 
     #[test]
-    fn datetimes_parse_as_rfc_3339() {
-        assert_eq!(parse_datetime("1970-01-01T00:00:00Z").unwrap(), 0);
-        assert_eq!(parse_datetime("2026-11-27T10:00:00Z").unwrap(), 1_795_773_600_000);
-        assert_eq!(parse_datetime("2026-11-27T11:00:00+01:00").unwrap(), 1_795_773_600_000);
-        assert_eq!(parse_datetime("2026-11-27t09:30:00.5-00:30").unwrap(), 1_795_773_600_500);
-        assert_eq!(parse_datetime("2026-11-27 10:00:00.123456789z").unwrap(), 1_795_773_600_123);
-        assert_eq!(parse_datetime("2024-02-29T00:00:00Z").unwrap(), 1_709_164_800_000);
-        for bad in [
-            "2026-11-27",
-            "2026-11-27T10:00:00",
-            "2026-11-27T10:00Z",
-            "2026-13-01T00:00:00Z",
-            "2025-02-29T00:00:00Z",
-            "2026-11-27T24:00:00Z",
-            "2026-11-27T10:00:60Z",
-            "2026-11-27T10:00:00.Z",
-            "2026-11-27T10:00:00+1:00",
-            "2026-11-27T10:00:00Zjunk",
-            "1969-12-31T23:59:59Z",
-            "1700000000",
-        ] {
-            assert!(parse_datetime(bad).is_err(), "{bad:?} must be refused");
-        }
+    fn to_datetime_takes_rfc_3339_only() {
         assert!(parse(&["--to-datetime", "yesterday"]).is_err());
         assert_eq!(parse(&["--to-datetime", "1970-01-01T00:00:01Z"]).unwrap().target(), Target::Datetime(1000));
-    }
-
-    #[test]
-    fn datetimes_format_back_to_what_they_parse_from() {
-        for ms in [0, 1_795_773_600_123, 1_709_164_800_000, 951_782_400_000, 4_102_444_799_999] {
-            assert_eq!(parse_datetime(&format_datetime(ms)).unwrap(), ms, "{}", format_datetime(ms));
-        }
-        assert_eq!(format_datetime(1_795_773_600_000), "2026-11-27T10:00:00.000Z");
     }
 
     fn states() -> Vec<PartitionState> {
@@ -788,19 +455,4 @@ mod tests {
         assert!(table.ends_with("2 of 3 partitions move; 50 records re-read, 0 skipped\n"), "{table}");
     }
 
-    #[test]
-    fn passthrough_follows_the_worker_convention_minus_membership_settings() {
-        let vars = [
-            ("SYNC_KAFKA_OPT_SECURITY_PROTOCOL", "SASL_SSL"),
-            ("SYNC_KAFKA_OPT_SASL_MECHANISMS", "PLAIN"),
-            ("SYNC_KAFKA_OPT_GROUP_INSTANCE_ID", "pod-1"),
-            ("SYNC_KAFKA_OPT_GROUP_ID", "other"),
-            ("SYNC_KAFKA_BROKERS", "x"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()));
-        let got = passthrough(vars);
-        assert_eq!(got.len(), 2, "{got:?}");
-        assert_eq!(got["security.protocol"], "SASL_SSL");
-        assert_eq!(got["sasl.mechanisms"], "PLAIN");
-    }
 }

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
+
+use sync_engine::kafka::group;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct OffsetsArgs {
@@ -21,8 +22,8 @@ pub struct OffsetsArgs {
 
 /// Prints `partition offset` lines (`-` when nothing is committed) and the sum.
 pub fn run(args: OffsetsArgs) -> anyhow::Result<()> {
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &args.brokers).set("group.id", &args.group).create()?;
+    // The same client as `replay`: it never joins the group, and takes SYNC_KAFKA_OPT_* (TLS, SASL).
+    let consumer = group::client(&args.brokers, &args.group)?;
     let mut list = TopicPartitionList::new();
     for partition in 0..args.partitions {
         list.add_partition(&args.topic, partition);

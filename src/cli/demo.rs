@@ -8,21 +8,22 @@
 //! The mock broker keeps at most 5 MiB per partition (hard-coded in librdkafka) and silently
 //! drops older records, so the producer stays at most `MAX_LEAD` records ahead of the worker.
 
+use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::mocking::MockCluster;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{KafkaConfig, Secret, SyncEngineConfig};
-use crate::kafka::producer::{publish_all, ItemProducer};
-use crate::kafka::worker::{self, WorkerStats};
-use crate::storage::RowSummary;
-use crate::workload::{Workload, WorkloadSpec};
-use crate::SyncEngine;
+use sync_engine::config::{KafkaConfig, Secret, SyncEngineConfig};
+use sync_engine::kafka::producer::{publish_all, ItemProducer};
+use sync_engine::kafka::worker::{self, WorkerStats};
+use sync_engine::workload::{compare, Workload, WorkloadSpec};
+use sync_engine::SyncEngine;
+
+use super::progress_bar;
 
 const TOPIC: &str = "demo-items";
 const DLQ_TOPIC: &str = "demo-dlq";
@@ -51,18 +52,6 @@ pub struct DemoSummary {
     pub ids_checked: usize,
     pub mismatches: Vec<String>,
     pub items_per_sec: f64,
-}
-
-pub fn progress_bar(total: u64, label: &str, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    let template = format!("{label:>10} [{{bar:40}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}");
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
@@ -126,7 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         let chunk: Vec<_> = workload.by_ref().take(CHUNK as usize).collect();
         poison_produced += chunk.iter().filter(|record| record.poison_reason.is_some()).count() as u64;
         produced += chunk.len() as u64;
-        publish_all(&producer, chunk, 0, || {}).await.map_err(anyhow::Error::msg)?;
+        publish_all(&producer, chunk, 0, || {}).await?;
         bar.set_position(settled(&stats));
     }
     while settled(&stats) < produced && !worker_task.is_finished() {
@@ -157,35 +146,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     })
 }
 
-/// Every expected id must be in L3 with its version and hash (or as a tombstone), and L3
-/// must hold nothing else.
-pub fn compare(workload: &Workload, rows: &[RowSummary]) -> Vec<String> {
-    let mut mismatches = Vec::new();
-    let expected = workload.expected();
-    for row in rows {
-        match expected.get(&row.id) {
-            None => mismatches.push(format!("{}: in L3 but never produced", row.id)),
-            Some(want) => {
-                let hash_ok = match want.content_hash {
-                    Some(hash) => !row.deleted && row.content_hash == hash,
-                    None => row.deleted,
-                };
-                if row.version != want.version || !hash_ok {
-                    mismatches.push(format!(
-                        "{}: L3 has version {} deleted={}, expected version {} deleted={}",
-                        row.id,
-                        row.version,
-                        row.deleted,
-                        want.version,
-                        want.content_hash.is_none()
-                    ));
-                }
-            }
-        }
+/// Runs the demo and prints its summary; fails unless every id holds its newest version.
+pub async fn run_and_report(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    super::run::init_logs(sync_engine::config::LogFormat::Text);
+    println!(
+        "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite",
+        args.items, args.item_bytes
+    );
+    let summary = run(args).await?;
+    println!("produced        {}", summary.produced);
+    println!("stored          {}", summary.stored);
+    println!("dead-lettered   {} (poison produced: {})", summary.dead_lettered, summary.poison_produced);
+    println!("ids checked     {}", summary.ids_checked);
+    println!("mismatches      {}", summary.mismatches.len());
+    println!("throughput      {:.0} items/s", summary.items_per_sec);
+    for mismatch in summary.mismatches.iter().take(20) {
+        println!("  {mismatch}");
     }
-    let stored: std::collections::HashSet<&str> = rows.iter().map(|row| row.id.as_str()).collect();
-    for id in expected.keys().filter(|id| !stored.contains(id.as_str())) {
-        mismatches.push(format!("{id}: missing from L3"));
-    }
-    mismatches
+    let ok = summary.mismatches.is_empty() && summary.dead_lettered == summary.poison_produced;
+    println!("{}", if ok { "PASS: every id holds its newest version" } else { "FAIL" });
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

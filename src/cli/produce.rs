@@ -5,8 +5,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::kafka::producer::{publish_all, EndOffsets, ItemProducer};
-use crate::workload::{Workload, WorkloadSpec};
+use sync_engine::kafka::producer::{publish_all, EndOffsets, ItemProducer};
+use sync_engine::workload::{Workload, WorkloadSpec};
 
 /// The workload's shape, shared by `produce` and `ceiling` so both write the same rows.
 #[derive(Clone, Debug, clap::Args)]
@@ -73,9 +73,9 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<EndOffsets> {
     let producer = ItemProducer::new(&args.brokers, &args.topic)?;
     let mut workload = Workload::new(args.workload.spec());
     let count = args.workload.count;
-    let bar = crate::demo::progress_bar(count, "produced", args.quiet);
+    let bar = super::progress_bar(count, "produced", args.quiet);
     let started = std::time::Instant::now();
-    let ends = publish_all(&producer, workload.by_ref(), args.rate, || bar.inc(1)).await.map_err(anyhow::Error::msg)?;
+    let ends = publish_all(&producer, workload.by_ref(), args.rate, || bar.inc(1)).await?;
     producer.flush();
     bar.finish();
     let elapsed = started.elapsed().as_secs_f64();
