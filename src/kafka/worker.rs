@@ -218,6 +218,14 @@ fn record_of(item: &SyncItem) -> RawRecord {
     };
     let header = |name: &str, value: &str| (name.to_owned(), Some(bytes::Bytes::copy_from_slice(value.as_bytes())));
     let op = if item.is_tombstone() { "delete" } else { "upsert" };
+    let mut headers = vec![
+        header(crate::decode::HEADER_VERSION, &item.version.to_string()),
+        header(crate::decode::HEADER_OP, op),
+        header(crate::decode::HEADER_CONTENT_TYPE, item.content_type.as_str()),
+    ];
+    if let Some(state) = &item.state {
+        headers.push(header(crate::decode::HEADER_STATE, state));
+    }
     RawRecord {
         topic,
         partition,
@@ -225,11 +233,7 @@ fn record_of(item: &SyncItem) -> RawRecord {
         timestamp_ms: None,
         key: Some(bytes::Bytes::copy_from_slice(item.id.as_bytes())),
         value: item.content.clone(),
-        headers: vec![
-            header(crate::decode::HEADER_VERSION, &item.version.to_string()),
-            header(crate::decode::HEADER_OP, op),
-            header(crate::decode::HEADER_CONTENT_TYPE, item.content_type.as_str()),
-        ],
+        headers,
     }
 }
 
