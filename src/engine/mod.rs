@@ -219,8 +219,7 @@ impl SyncEngine {
 
     async fn connect_and_spawn(&mut self) -> Result<(), EngineError> {
         let urls = self.config.redis_urls();
-        let l2 =
-            if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
+        let l2 = if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
         let l3 = match &self.config.sql_url {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
