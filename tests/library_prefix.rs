@@ -530,3 +530,45 @@ async fn an_old_table_gets_the_state_column_and_index_mysql() {
 async fn an_old_table_gets_the_state_column_and_index_sqlite() {
     an_old_table_gets_the_state_column_and_index(L3::Sqlite, "state_migrate_lite").await;
 }
+
+// ---- the state through the write-ahead log ----
+
+/// An item with a state that settles in the WAL (its L3 write times out behind a table lock)
+/// reaches L3 with its state when the WAL drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_travels_through_the_wal_into_l3() {
+    let setup = Setup::new(L3::MySql, "state_wal");
+    let config = SyncEngineConfig {
+        sql_write_timeout: Duration::from_millis(1_000),
+        wal_dir: Some(setup.names.wal_dir()),
+        breaker_failures: 1,
+        breaker_cool_down: Duration::from_millis(300),
+        ..setup.config.clone()
+    };
+    let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
+    engine.start().await.unwrap();
+    engine.submit(SyncItem::new("wal.warmup", b"w".to_vec())).await.unwrap();
+    let mut locker = sqlx::MySqlConnection::connect(&mysql_url()).await.unwrap();
+    locker.execute(format!("LOCK TABLES {} WRITE", setup.names.table).as_str()).await.unwrap();
+    let item = SyncItem::new("wal.item", b"x".to_vec()).with_version(7).with_state("queued");
+    let tier = tokio::time::timeout(Duration::from_secs(15), engine.submit(item)).await.expect("not stuck").unwrap();
+    assert_eq!(tier, Tier::Wal, "the write timed out into the WAL");
+    locker.execute("UNLOCK TABLES").await.unwrap();
+
+    let store = setup.l3().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut drained = None;
+    while std::time::Instant::now() < deadline {
+        drained = store.get("wal.item").await.unwrap();
+        if drained.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drained = drained.expect("the WAL drains into L3");
+    assert_eq!((drained.version, drained.state.as_deref()), (7, Some("queued")));
+    assert_eq!(ids_of(&engine.scan_state("queued", 10).await.unwrap()), ["wal.item"]);
+    store.close().await;
+    engine.shutdown_within(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(setup.names.wal_dir());
+}
