@@ -44,8 +44,6 @@ const MIGRATIONS: [(i64, &str); 1] = [(
 /// code rather than one statement, so that it also works on MySQL, which lacks MariaDB's
 /// `ADD COLUMN IF NOT EXISTS`, and on a table some other process migrated meanwhile.
 const STATE_MIGRATION: i64 = 2;
-/// Index names are per table in MySQL.
-const STATE_INDEX: &str = "state_id";
 
 const GUARD: &str = "VALUES(version) > version OR (VALUES(version) = version \
     AND VALUES(origin_topic) = origin_topic AND VALUES(origin_partition) = origin_partition \
@@ -134,7 +132,8 @@ impl MySqlStore {
             (
                 "SELECT COUNT(*) FROM information_schema.statistics \
                  WHERE table_schema = DATABASE() AND table_name = ? AND index_name = 'state_id'",
-                format!("ALTER TABLE {table} ADD INDEX {STATE_INDEX} (state, id)"),
+                // Index names are per table in MySQL: no need to prefix it with the table's.
+                format!("ALTER TABLE {table} ADD INDEX state_id (state, id)"),
             ),
         ];
         for (check, alter) in steps {
