@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::item::{is_valid_json, ContentType, Origin, SyncItem, MAX_ID_BYTES};
+use crate::item::{is_valid_json, validate_state, ContentType, Origin, SyncItem, MAX_ID_BYTES};
 use crate::options::{CacheTtl, SubmitOptions, Tiers};
 
 pub const HEADER_VERSION: &str = "sync-version";
@@ -18,6 +18,7 @@ pub const HEADER_OP: &str = "sync-op";
 pub const HEADER_CONTENT_TYPE: &str = "sync-content-type";
 pub const HEADER_TTL: &str = "sync-ttl-secs";
 pub const HEADER_TIERS: &str = "sync-tiers";
+pub const HEADER_STATE: &str = "sync-state";
 
 /// Longest accepted `sync-ttl-secs`: ten years. Larger values are a producer bug.
 pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -144,10 +145,17 @@ pub fn decode(record: &RawRecord, limits: DecodeLimits) -> Result<(SyncItem, Sub
         None => Tiers::default(),
         Some(text) => Tiers::parse(text).map_err(|message| bad_header(HEADER_TIERS, message))?,
     };
+    let state = match header_text(record, HEADER_STATE)? {
+        None => None,
+        Some(text) => {
+            validate_state(text).map_err(|message| bad_header(HEADER_STATE, message))?;
+            Some(text.to_owned())
+        }
+    };
     let options = SubmitOptions { tiers, redis_ttl };
     let origin = Some(record.origin());
     if is_delete {
-        return Ok((SyncItem { origin, ..SyncItem::tombstone(id, version) }, options));
+        return Ok((SyncItem { origin, state, ..SyncItem::tombstone(id, version) }, options));
     }
     let content = record.value.clone().unwrap_or_default();
     if content.len() > limits.max_item_bytes {
@@ -158,7 +166,7 @@ pub fn decode(record: &RawRecord, limits: DecodeLimits) -> Result<(SyncItem, Sub
         Some(declared) => declared,
         None => ContentType::detect(&content),
     };
-    Ok((SyncItem { id, version, content: Some(content), content_type, origin }, options))
+    Ok((SyncItem { id, version, content: Some(content), content_type, origin, state }, options))
 }
 
 fn bad_header(name: &'static str, message: String) -> DeadLetterReason {

@@ -1,6 +1,8 @@
 //! `SyncItem`: what the engine stores, and the "newest wins" ordering (invariant 2).
 //!
-//! An item is an id, a version and opaque bytes (or a tombstone). Where it came from in Kafka
+//! An item is an id, a version and opaque bytes (or a tombstone), with an optional `state`: a
+//! short application label ("pending", "active", …) that L3 indexes for `scan_state`. A state
+//! change is a new version of the item like any other change. Where it came from in Kafka
 //! (its `Origin`) breaks ties between equal versions: at equal version the later record of
 //! the same partition wins, and a record compared with itself is a no-op. Items that did not
 //! come from Kafka (library submits) have no origin, so at equal version the stored one stays.
@@ -13,6 +15,20 @@ use sha2::{Digest, Sha256};
 
 /// Longest id in bytes (it is the L3 primary key).
 pub const MAX_ID_BYTES: usize = 255;
+
+/// Longest `state` in bytes (the L3 column is `VARBINARY(64)`).
+pub const MAX_STATE_BYTES: usize = 64;
+
+/// Validates an item state: 1..=64 bytes of `[A-Za-z0-9_.-]`. The error says what is wrong.
+pub fn validate_state(state: &str) -> Result<(), String> {
+    if state.is_empty() || state.len() > MAX_STATE_BYTES {
+        return Err(format!("state of {} bytes, expected 1..={MAX_STATE_BYTES}", state.len()));
+    }
+    match state.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        Some(bad) => Err(format!("state contains {bad:?}: only A-Z, a-z, 0-9, '_', '.' and '-' are allowed")),
+        None => Ok(()),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ContentType {
@@ -67,6 +83,8 @@ pub struct SyncItem {
     pub content: Option<Bytes>,
     pub content_type: ContentType,
     pub origin: Option<Origin>,
+    /// An application label, indexed in L3 (`scan_state`); see `validate_state`.
+    pub state: Option<String>,
 }
 
 impl SyncItem {
@@ -79,6 +97,7 @@ impl SyncItem {
             content_type: ContentType::detect(&content),
             content: Some(content),
             origin: None,
+            state: None,
         }
     }
 
@@ -92,12 +111,27 @@ impl SyncItem {
             content: Some(Bytes::from(value.borrow().to_string())),
             content_type: ContentType::Json,
             origin: None,
+            state: None,
         }
     }
 
     /// A versioned tombstone.
     pub fn tombstone(id: impl Into<String>, version: u64) -> SyncItem {
-        SyncItem { id: id.into(), version, content: None, content_type: ContentType::Binary, origin: None }
+        SyncItem { id: id.into(), version, content: None, content_type: ContentType::Binary, origin: None, state: None }
+    }
+
+    /// The item with this state. Checked (`validate_state`) when the item is submitted: an
+    /// invalid state is `EngineError::InvalidItem`. To change an item's state, submit it again
+    /// with a newer version (newest wins, invariant 2).
+    pub fn with_state(mut self, state: impl Into<String>) -> SyncItem {
+        self.state = Some(state.into());
+        self
+    }
+
+    /// The item with its `origin` set (where a Kafka record came from).
+    pub fn with_origin(mut self, origin: Origin) -> SyncItem {
+        self.origin = Some(origin);
+        self
     }
 
     pub fn with_version(mut self, version: u64) -> SyncItem {
@@ -116,7 +150,7 @@ impl SyncItem {
 
     /// Bytes this item holds in memory, for budgets and batch limits.
     pub fn size_bytes(&self) -> usize {
-        self.id.len() + self.content.as_ref().map_or(0, Bytes::len) + 64
+        self.id.len() + self.content.as_ref().map_or(0, Bytes::len) + self.state.as_ref().map_or(0, String::len) + 64
     }
 
     /// SHA-256 of the content (of the empty string for a tombstone).
@@ -183,6 +217,21 @@ mod tests {
         let o = origin(3, 7);
         assert!(!supersedes(5, Some(&o), 5, Some(&o)));
         assert!(!supersedes(5, None, 5, None));
+    }
+
+    #[test]
+    fn a_state_is_short_and_made_of_safe_characters() {
+        assert_eq!(validate_state("active"), Ok(()));
+        assert_eq!(validate_state("Pending_review.v2-b"), Ok(()));
+        assert_eq!(validate_state(&"a".repeat(MAX_STATE_BYTES)), Ok(()));
+        assert!(validate_state(&"a".repeat(MAX_STATE_BYTES + 1)).unwrap_err().contains("65 bytes"));
+        assert!(validate_state("").unwrap_err().contains("0 bytes"));
+        assert!(validate_state("has space").unwrap_err().contains("' '"));
+        assert!(validate_state("caf\u{e9}").is_err());
+        assert!(validate_state("a%b").is_err());
+        let item = SyncItem::new("a", "x").with_state("active");
+        assert_eq!(item.state.as_deref(), Some("active"));
+        assert!(item.size_bytes() > SyncItem::new("a", "x").size_bytes());
     }
 
     #[test]

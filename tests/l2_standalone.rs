@@ -153,6 +153,7 @@ async fn an_older_version_never_overwrites_a_newer_one_in_standalone_l2() {
         origin: item.origin.clone(),
         content_hash: item.content_hash(),
         deleted: false,
+        state: item.state.clone(),
     };
     let (same, behind, ahead) = (row(&later, 7), row(&later, 6), row(&later, 8));
     assert!(redis.apply(&[L2Op::DropIfBehind("tie", &same), L2Op::DropIfBehind("tie", &behind)]).await.is_empty());

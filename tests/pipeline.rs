@@ -315,3 +315,70 @@ async fn a_paced_publish_delivers_records_as_it_goes() {
     assert!(at_halfway > 0, "none of 5,000 records paced over 5 s was delivered halfway through");
     eprintln!("paced publish: {at_halfway} of 5,000 delivered at 2.5 s (about 2,500 due)");
 }
+
+/// The `sync-state` header end to end: a valid one lands in L2 and L3 with its item and a
+/// newer record without it clears it; an invalid one is a dead letter naming the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_header_lands_in_every_tier_and_an_invalid_one_is_dead_lettered() {
+    use sync_engine::workload::OutgoingRecord;
+    let names = Names::new("state_header");
+    create_topic(&names.topic, 1).await;
+    create_topic(&names.dlq_topic, 1).await;
+    let record = |id: &str, version: u64, state: Option<&[u8]>| {
+        let mut headers = vec![("sync-version".to_owned(), version.to_string().into_bytes())];
+        if let Some(state) = state {
+            headers.push(("sync-state".to_owned(), state.to_vec()));
+        }
+        OutgoingRecord { key: Some(id.into()), value: Some(b"x".to_vec()), headers, poison_reason: None }
+    };
+    let records = vec![
+        record("s.active", 5, Some(b"active")),
+        record("s.bad", 5, Some(b"not valid")),
+        record("s.cleared", 5, Some(b"pending")),
+        record("s.cleared", 6, None),
+        record("s.none", 5, None),
+    ];
+    let producer = sync_engine::kafka::producer::ItemProducer::new(&brokers(), &names.topic).unwrap();
+    let ends = sync_engine::kafka::producer::publish_all(&producer, records, 0, || {}).await.unwrap();
+    producer.flush();
+
+    let worker = InProcessWorker::start(&names, kafka_config(&names)).await;
+    let committed = wait_for_commits(&names, 1, &ends, Duration::from_secs(60)).await;
+    let dead_lettered = worker.stats.dead_lettered.load(Ordering::Relaxed);
+    worker.stop().await;
+    assert_eq!(committed, ends.0);
+    assert_eq!(dead_lettered, 1);
+
+    let l3 = sync_engine::storage::sql::SqlStore::connect(&mysql_url(), &names.table).await.unwrap();
+    let l2 = sync_engine::storage::redis::RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap();
+    let expected = [("s.active", Some("active")), ("s.cleared", None), ("s.none", None)];
+    for (id, state) in expected {
+        assert_eq!(l3.get(id).await.unwrap().expect("in L3").state.as_deref(), state, "{id} in L3");
+        assert_eq!(l2.get(id).await.unwrap().expect("in L2").state.as_deref(), state, "{id} in L2");
+    }
+    assert_eq!(l3.get("s.bad").await.unwrap(), None, "an invalid state writes nothing");
+    l3.close().await;
+
+    let reason = tokio::task::spawn_blocking({
+        let names = names.clone();
+        move || {
+            let consumer = dead_letter_reader(&names);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else { continue };
+                let headers = message.headers().expect("dead letters carry headers");
+                return headers
+                    .iter()
+                    .find(|header| header.key == "sync-dlq-reason")
+                    .and_then(|header| header.value)
+                    .map(|value| String::from_utf8_lossy(value).into_owned());
+            }
+            None
+        }
+    })
+    .await
+    .unwrap()
+    .expect("the dead letter arrives with a reason");
+    assert!(reason.starts_with("bad_header: bad header sync-state: "), "{reason}");
+    assert!(reason.contains("' '"), "the reason says what is wrong: {reason}");
+}

@@ -34,7 +34,8 @@ pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
         "CREATE TABLE {} (id VARBINARY(255) NOT NULL PRIMARY KEY, version BIGINT UNSIGNED NOT NULL, \
          content LONGBLOB NULL, content_type VARCHAR(16) NOT NULL, content_hash BINARY(32) NOT NULL, \
          deleted TINYINT(1) NOT NULL, updated_at_ms BIGINT UNSIGNED NOT NULL, origin_topic VARCHAR(255) NULL, \
-         origin_partition INT NULL, origin_offset BIGINT NULL) ENGINE=InnoDB",
+         origin_partition INT NULL, origin_offset BIGINT NULL, state VARBINARY(64) NULL, \
+         KEY state_id (state, id)) ENGINE=InnoDB",
         args.table
     ))
     .execute(&mut *connection)
@@ -73,7 +74,8 @@ pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
                 .bind(now_ms())
                 .bind("ceiling")
                 .bind(0i32)
-                .bind(written as i64 + index as i64);
+                .bind(written as i64 + index as i64)
+                .bind(None::<&[u8]>);
         }
         query.execute(&mut *transaction).await?;
         transaction.commit().await?;

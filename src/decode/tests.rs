@@ -84,6 +84,8 @@ fn a_known_header_given_twice_or_with_surrounding_whitespace_is_a_bad_header() {
         (&[("sync-op", b"delete ")], "surrounding whitespace"),
         (&[("sync-content-type", b"\tjson")], "surrounding whitespace"),
         (&[("sync-tiers", b" l1,l3")], "surrounding whitespace"),
+        (&[("sync-state", b"a"), ("sync-state", b"a")], "given 2 times"),
+        (&[("sync-state", b"active ")], "surrounding whitespace"),
     ];
     for (headers, message) in cases {
         let error = decode(&record(Some(b"k"), Some(b"{}"), headers), LIMITS).unwrap_err();
@@ -115,6 +117,44 @@ fn a_tiers_header_naming_a_tier_the_worker_lacks_is_a_bad_header() {
 }
 
 #[test]
+fn a_state_header_sets_the_items_state_on_upserts_and_deletes() {
+    let (item, _) = decode(&record(Some(b"k"), Some(b"x"), &[("sync-state", b"active")]), LIMITS).unwrap();
+    assert_eq!(item.state.as_deref(), Some("active"));
+    let (item, _) = decode(&record(Some(b"k"), Some(b"x"), &[("sync-state", b"Pending_2.b-c")]), LIMITS).unwrap();
+    assert_eq!(item.state.as_deref(), Some("Pending_2.b-c"));
+    let (item, _) = decode(&record(Some(b"k"), None, &[("sync-state", b"archived")]), LIMITS).unwrap();
+    assert!(item.is_tombstone());
+    assert_eq!(item.state.as_deref(), Some("archived"));
+    // No header: no state.
+    let (item, _) = decode(&record(Some(b"k"), Some(b"x"), &[]), LIMITS).unwrap();
+    assert_eq!(item.state, None);
+}
+
+#[test]
+fn an_invalid_state_header_is_a_bad_header_with_its_reason() {
+    let long = vec![b'a'; 65];
+    let cases: Vec<(&[u8], &str)> = vec![
+        (b"", "0 bytes"),
+        (&long, "65 bytes"),
+        (b"in review", "' '"),
+        (b"a%b", "'%'"),
+        (b"a/b", "'/'"),
+        ("caf\u{e9}".as_bytes(), "'\u{e9}'"),
+        (&[0xff], "not utf-8"),
+    ];
+    for (value, message) in cases {
+        let error = decode(&record(Some(b"k"), Some(b"x"), &[("sync-state", value)]), LIMITS).unwrap_err();
+        assert_eq!(error.code(), "bad_header", "{value:?}");
+        let text = error.to_string();
+        assert!(text.starts_with("bad header sync-state: "), "{text}");
+        assert!(text.contains(message), "{value:?}: {text}");
+    }
+    let mut null = record(Some(b"k"), Some(b"x"), &[]);
+    null.headers.push(("sync-state".into(), None));
+    assert_eq!(decode(&null, LIMITS).unwrap_err().code(), "bad_header");
+}
+
+#[test]
 fn ids_of_255_bytes_with_sql_metacharacters_and_unicode_are_accepted() {
     let mut id = String::from("'; DROP TABLE x; -- \"é✓");
     while id.len() < 255 {
@@ -137,9 +177,9 @@ proptest! {
         key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
         value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
         header_value in proptest::collection::vec(any::<u8>(), 0..30),
-        header_index in 0usize..6,
+        header_index in 0usize..7,
     ) {
-        let names = ["sync-version", "sync-op", "sync-content-type", "sync-ttl-secs", "sync-tiers", "x"];
+        let names = ["sync-version", "sync-op", "sync-content-type", "sync-ttl-secs", "sync-tiers", "sync-state", "x"];
         let input = record(key.as_deref(), value.as_deref(), &[(names[header_index], &header_value)]);
         let _ = decode(&input, LIMITS);
     }

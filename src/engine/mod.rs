@@ -18,6 +18,7 @@ mod batching;
 mod flushing;
 mod l2_repair;
 mod pending;
+mod prefix;
 mod reads;
 mod state;
 mod wal_drain;
@@ -84,6 +85,12 @@ pub enum EngineError {
     ShuttingDown,
     #[error("invalid item: {0}")]
     InvalidItem(String),
+    /// A query argument the engine refuses (an empty prefix, an invalid state).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The call reads L3 and this engine has none (no `sql_url`).
+    #[error("{0} needs L3, and this engine has no sql_url")]
+    NeedsL3(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot open the write-ahead log: {0}")]
@@ -305,6 +312,9 @@ impl SyncEngine {
         let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
         crate::decode::validate_id(item.id.as_bytes())
             .map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
+        if let Some(state) = &item.state {
+            crate::item::validate_state(state).map_err(EngineError::InvalidItem)?;
+        }
         let item = Arc::new(item);
         if options.tiers.l1 {
             self.l1.put_if_newer(item.clone()).await;

@@ -118,6 +118,10 @@ impl SyncEngine {
         for item in &items {
             crate::decode::validate_id(item.id.as_bytes())
                 .map_err(|reason| EngineError::InvalidItem(format!("{:?}: {reason}", item.id)))?;
+            if let Some(state) = &item.state {
+                crate::item::validate_state(state)
+                    .map_err(|reason| EngineError::InvalidItem(format!("{:?}: {reason}", item.id)))?;
+            }
         }
         let mut receipts = Vec::with_capacity(items.len());
         for item in items {

@@ -218,6 +218,14 @@ fn record_of(item: &SyncItem) -> RawRecord {
     };
     let header = |name: &str, value: &str| (name.to_owned(), Some(bytes::Bytes::copy_from_slice(value.as_bytes())));
     let op = if item.is_tombstone() { "delete" } else { "upsert" };
+    let mut headers = vec![
+        header(crate::decode::HEADER_VERSION, &item.version.to_string()),
+        header(crate::decode::HEADER_OP, op),
+        header(crate::decode::HEADER_CONTENT_TYPE, item.content_type.as_str()),
+    ];
+    if let Some(state) = &item.state {
+        headers.push(header(crate::decode::HEADER_STATE, state));
+    }
     RawRecord {
         topic,
         partition,
@@ -225,11 +233,7 @@ fn record_of(item: &SyncItem) -> RawRecord {
         timestamp_ms: None,
         key: Some(bytes::Bytes::copy_from_slice(item.id.as_bytes())),
         value: item.content.clone(),
-        headers: vec![
-            header(crate::decode::HEADER_VERSION, &item.version.to_string()),
-            header(crate::decode::HEADER_OP, op),
-            header(crate::decode::HEADER_CONTENT_TYPE, item.content_type.as_str()),
-        ],
+        headers,
     }
 }
 
@@ -848,6 +852,14 @@ mod tests {
         assert_eq!(header("sync-version"), Some(Bytes::from(item.version.to_string())));
         assert_eq!(header("sync-op"), Some(Bytes::from_static(b"upsert")));
         assert_eq!(header("sync-content-type"), Some(Bytes::from_static(b"json")));
+        assert_eq!(header("sync-state"), None, "no state, no header");
+        let with_state = item.clone().with_state("active");
+        let state_record = record_of(&with_state);
+        let state_header =
+            state_record.headers.iter().find(|(key, _)| key == "sync-state").and_then(|(_, v)| v.clone());
+        assert_eq!(state_header, Some(Bytes::from_static(b"active")));
+        let limits = crate::decode::DecodeLimits { max_item_bytes: 1 << 20 };
+        assert_eq!(crate::decode::decode(&state_record, limits).unwrap().0.state.as_deref(), Some("active"));
         // The dead letter goes out (and stays in flight: no broker here), its bytes counted.
         worker.on_late_rejection(LateRejection { item, reason: "too large".into() });
         assert_eq!(worker.inflight.len(), 1);

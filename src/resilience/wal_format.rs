@@ -4,8 +4,14 @@
 //! Segment file: the 8-byte magic `SYNCWAL1`, then frames. A frame is
 //! `[u32 LE payload length][u32 LE CRC-32 of the payload][payload]`. A payload is one batch:
 //! `u32 item count`, then per item `u16 id length, id, u64 version, u8 flags (1 = tombstone,
-//! 2 = json), u32 content length, content, u16 topic length (0xFFFF = no origin), topic,
-//! i32 partition, i64 offset`. All integers little-endian.
+//! 2 = json, 4 = has a state), u32 content length, content, u16 topic length (0xFFFF = no
+//! origin), topic, i32 partition, i64 offset`, and, only when flag 4 is set, `u8 state length,
+//! state`. All integers little-endian.
+//!
+//! Compatibility: flag 4 and the state after the origin came with item states. Records written
+//! before never set it, so they read exactly as before (the magic stays `SYNCWAL1`); a version
+//! without states cannot read a record whose item has one (the record counts as corrupt), so
+//! drain the WAL before a downgrade.
 
 use std::sync::Arc;
 
@@ -18,6 +24,9 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// No batch is this large; a longer length field is corruption.
 pub const MAX_PAYLOAD_BYTES: u32 = 1 << 30;
 const NO_ORIGIN: u16 = u16::MAX;
+const FLAG_TOMBSTONE: u8 = 1;
+const FLAG_JSON: u8 = 2;
+const FLAG_STATE: u8 = 4;
 
 pub fn encode_batch(items: &[&SyncItem]) -> Vec<u8> {
     let size: usize = items.iter().map(|item| item.size_bytes() + 32).sum();
@@ -28,7 +37,19 @@ pub fn encode_batch(items: &[&SyncItem]) -> Vec<u8> {
         out.extend_from_slice(&(id.len() as u16).to_le_bytes());
         out.extend_from_slice(id);
         out.extend_from_slice(&item.version.to_le_bytes());
-        let flags = u8::from(item.is_tombstone()) | (u8::from(item.content_type == ContentType::Json) << 1);
+        // A state longer than a u8 length is never valid (`validate_state`); it is cut rather
+        // than written with a wrong length.
+        let state = item.state.as_deref().map(|state| &state.as_bytes()[..state.len().min(u8::MAX as usize)]);
+        let mut flags = 0;
+        if item.is_tombstone() {
+            flags |= FLAG_TOMBSTONE;
+        }
+        if item.content_type == ContentType::Json {
+            flags |= FLAG_JSON;
+        }
+        if state.is_some() {
+            flags |= FLAG_STATE;
+        }
         out.push(flags);
         let content = item.content.as_deref().unwrap_or_default();
         out.extend_from_slice(&(content.len() as u32).to_le_bytes());
@@ -41,6 +62,10 @@ pub fn encode_batch(items: &[&SyncItem]) -> Vec<u8> {
                 out.extend_from_slice(&origin.offset.to_le_bytes());
             }
             None => out.extend_from_slice(&NO_ORIGIN.to_le_bytes()),
+        }
+        if let Some(state) = state {
+            out.push(state.len() as u8);
+            out.extend_from_slice(state);
         }
     }
     out
@@ -99,12 +124,19 @@ pub fn decode_batch(payload: &[u8]) -> Option<Vec<SyncItem>> {
                 offset: i64::from_le_bytes(cursor.array()?),
             })
         };
+        let state = if flags & FLAG_STATE != 0 {
+            let [state_len] = cursor.array()?;
+            Some(String::from_utf8(cursor.take(state_len as usize)?.to_vec()).ok()?)
+        } else {
+            None
+        };
         items.push(SyncItem {
             id,
             version,
-            content: (flags & 1 == 0).then_some(content),
-            content_type: if flags & 2 != 0 { ContentType::Json } else { ContentType::Binary },
+            content: (flags & FLAG_TOMBSTONE == 0).then_some(content),
+            content_type: if flags & FLAG_JSON != 0 { ContentType::Json } else { ContentType::Binary },
             origin,
+            state,
         });
     }
     cursor.bytes.is_empty().then_some(items)
@@ -153,7 +185,63 @@ mod tests {
         vec![
             SyncItem { origin: Some(origin), ..SyncItem::new("a.b", b"{\"x\":1}".to_vec()).with_version(7) },
             SyncItem::tombstone("c", u64::MAX),
+            SyncItem::new("d.e", b"bytes".to_vec()).with_version(8).with_state("active"),
+            SyncItem::tombstone("f", 9).with_state("archived"),
         ]
+    }
+
+    /// A payload as the version before item states wrote it: byte for byte, by hand.
+    fn old_payload() -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&2u32.to_le_bytes());
+        // "a.b", version 7, json, {"x":1}, origin t/3/99
+        out.extend_from_slice(&3u16.to_le_bytes());
+        out.extend_from_slice(b"a.b");
+        out.extend_from_slice(&7u64.to_le_bytes());
+        out.push(2);
+        out.extend_from_slice(&7u32.to_le_bytes());
+        out.extend_from_slice(b"{\"x\":1}");
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(b"t");
+        out.extend_from_slice(&3i32.to_le_bytes());
+        out.extend_from_slice(&99i64.to_le_bytes());
+        // "c", a tombstone at u64::MAX, no origin
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(b"c");
+        out.extend_from_slice(&u64::MAX.to_le_bytes());
+        out.push(1);
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&NO_ORIGIN.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_record_written_before_item_states_still_reads_and_is_written_the_same_today() {
+        let old = old_payload();
+        let framed = frame(&old);
+        let Frame::Valid(payload) = read_frame(&framed) else { panic!("valid frame expected") };
+        let items = decode_batch(payload).expect("an old record decodes");
+        assert_eq!(items, items_without_state());
+        assert!(items.iter().all(|item| item.state.is_none()));
+        // Items without a state are encoded exactly as before: old and new logs mix freely.
+        let refs: Vec<&SyncItem> = items.iter().collect();
+        assert_eq!(encode_batch(&refs), old);
+    }
+
+    fn items_without_state() -> Vec<SyncItem> {
+        items().into_iter().take(2).collect()
+    }
+
+    #[test]
+    fn a_state_sets_flag_4_and_follows_the_origin() {
+        let item = SyncItem::new("k", b"v".to_vec()).with_version(1).with_state("ok");
+        let payload = encode_batch(&[&item]);
+        // count, id len, id, version, then the flags byte.
+        assert_eq!(payload[4 + 2 + 1 + 8], FLAG_STATE);
+        assert!(payload.ends_with(&[2, b'o', b'k']));
+        assert_eq!(decode_batch(&payload).unwrap(), vec![item]);
+        // A state length past the end of the payload is malformed, not a panic.
+        assert_eq!(decode_batch(&payload[..payload.len() - 1]), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! (`1` for a tombstone), plus `ot`/`op`/`oo`, the origin topic, partition and offset that
 //! break ties at equal versions (readers may ignore them), and `h`, the SHA-256 of `c` in
 //! lowercase hex, which verified reads check the content against (entries written before `h`
-//! existed lack it).
+//! existed lack it), and `s`, the item's state, present only when it has one.
 //!
 //! Writes are version-guarded by a Lua script that runs on the key's server, so a write never
 //! replaces a newer version (invariant 2). A second script drops an entry that is behind a
@@ -51,6 +51,7 @@ if current[1] then
   end
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'c', ARGV[2], 't', ARGV[3], 'd', ARGV[4], 'ot', ARGV[6], 'op', ARGV[7], 'oo', ARGV[8], 'h', ARGV[9])
+if ARGV[10] == '' then redis.call('HDEL', KEYS[1], 's') else redis.call('HSET', KEYS[1], 's', ARGV[10]) end
 if ARGV[5] == '0' then redis.call('PERSIST', KEYS[1]) else redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 "#;
@@ -439,7 +440,8 @@ impl Args for ScriptInvocation<'_> {
     }
 }
 
-/// The script's arguments: version, content, type, tombstone flag, ttl, origin, content hash.
+/// The script's arguments: version, content, type, tombstone flag, ttl, origin, content hash,
+/// state (empty for none: a valid state is never empty).
 fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
     let origin = item.origin.as_ref();
     target
@@ -451,7 +453,8 @@ fn guarded_write_args<A: Args>(target: &mut A, item: &SyncItem, ttl_secs: u64) {
         .push_arg(origin.map_or("", |o| o.topic.as_ref()))
         .push_arg(origin.map_or(String::new(), |o| o.partition.to_string()))
         .push_arg(origin.map_or(String::new(), |o| o.offset.to_string()))
-        .push_arg(hash_to_hex(&item.content_hash()));
+        .push_arg(hash_to_hex(&item.content_hash()))
+        .push_arg(item.state.as_deref().unwrap_or_default());
 }
 
 /// The drop script's arguments: L3's row version and origin.
@@ -483,6 +486,7 @@ fn item_from_fields(id: &str, fields: &HashMap<String, Vec<u8>>) -> Option<SyncI
         content: (!deleted).then(|| Bytes::from(fields.get("c").cloned().unwrap_or_default())),
         content_type: text(fields, "t").and_then(|t| ContentType::parse(&t)).unwrap_or(ContentType::Binary),
         origin,
+        state: text(fields, "s").filter(|state| !state.is_empty()),
     })
 }
 

@@ -45,16 +45,84 @@ pub struct HeldRow {
     pub origin: Option<Origin>,
     pub content_hash: [u8; 32],
     pub deleted: bool,
+    pub state: Option<String>,
 }
 
 impl HeldRow {
-    /// True if L3 holds exactly this item (not an older or newer one, not other content).
+    /// True if L3 holds exactly this item (not an older or newer one, not other content or
+    /// another state).
     pub fn is(&self, item: &SyncItem) -> bool {
         self.version == item.version
             && self.origin == item.origin
             && self.deleted == item.is_tombstone()
             && self.content_hash == item.content_hash()
+            && self.state == item.state
     }
+}
+
+/// What a scan or count selects among the live rows (tombstones are never selected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection<'a> {
+    /// The id itself and every id under it at a dot boundary: `uk.nhs` selects `uk.nhs` and
+    /// `uk.nhs.…`, never `uk.nhsx`. The caller normalizes the prefix (no trailing dot).
+    Prefix(&'a str),
+    /// Rows whose `state` column is exactly this (byte for byte, so case-sensitive).
+    State(&'a str),
+}
+
+/// The escape character of prefix `LIKE` patterns: `!` rather than a backslash, whose meaning
+/// inside an SQL string literal differs between MySQL and SQLite.
+pub const LIKE_ESCAPE: char = '!';
+
+/// `text` as a literal inside a `LIKE … ESCAPE '!'` pattern: `%`, `_` and `!` escaped.
+pub fn like_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        if matches!(c, '%' | '_') || c == LIKE_ESCAPE {
+            out.push(LIKE_ESCAPE);
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Selection<'_> {
+    /// The `WHERE` condition and its bound values, in order. A prefix is the exact id, or the
+    /// byte range `[prefix + ".", prefix + "/")` ('/' is the byte after '.'), which is what
+    /// lets the primary key index answer; the escaped `LIKE prefix.%` inside the range says
+    /// the same thing in the form a reader of the SQL expects.
+    pub fn condition(&self) -> (String, Vec<Vec<u8>>) {
+        match self {
+            Selection::Prefix(prefix) => (
+                format!("(id = ? OR (id >= ? AND id < ? AND id LIKE ? ESCAPE '{LIKE_ESCAPE}'))"),
+                vec![
+                    prefix.as_bytes().to_vec(),
+                    format!("{prefix}.").into_bytes(),
+                    format!("{prefix}/").into_bytes(),
+                    format!("{}.%", like_literal(prefix)).into_bytes(),
+                ],
+            ),
+            Selection::State(state) => ("state = ?".to_owned(), vec![state.as_bytes().to_vec()]),
+        }
+    }
+}
+
+/// Columns a scan reads: what `item_from_row` needs.
+const ITEM_COLUMNS: &str = "id, version, content, content_type, origin_topic, origin_partition, origin_offset, state";
+
+/// `SELECT` of the live rows a selection holds after the id bound to the last `?` but one,
+/// ordered by id, at most the number bound to the last `?` (keyset pagination). `ids_only`
+/// reads just the ids.
+pub fn scan_sql(table: &str, selection: &Selection, ids_only: bool) -> String {
+    let (condition, _) = selection.condition();
+    let columns = if ids_only { "id" } else { ITEM_COLUMNS };
+    format!("SELECT {columns} FROM {table} WHERE deleted = 0 AND {condition} AND id > ? ORDER BY id LIMIT ?")
+}
+
+/// `SELECT COUNT(*)` of the live rows a selection holds.
+pub fn count_sql(table: &str, selection: &Selection) -> String {
+    let (condition, _) = selection.condition();
+    format!("SELECT COUNT(*) FROM {table} WHERE deleted = 0 AND {condition}")
 }
 
 /// After a write, the row each written id holds, by id.
@@ -157,6 +225,49 @@ impl SqlStore {
         counter.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The live items a selection holds with an id above `after` (all when `None`), ordered by
+    /// id, at most `limit`: one statement. Page on with the last id as the next `after`.
+    pub async fn scan(
+        &self,
+        selection: Selection<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match self {
+            SqlStore::MySql(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
+            SqlStore::Sqlite(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
+        }
+    }
+
+    /// Like `scan`, only the ids.
+    pub async fn scan_ids(
+        &self,
+        selection: Selection<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match self {
+            SqlStore::MySql(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+            SqlStore::Sqlite(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+        }
+    }
+
+    /// How many live items a selection holds.
+    pub async fn count(&self, selection: Selection<'_>) -> Result<u64, StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.count(&selection).await,
+            SqlStore::Sqlite(store) => store.count(&selection).await,
+        }
+    }
+
     /// Every row's id, version, hash and tombstone flag (verification and the demo's check).
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
         match self {
@@ -206,7 +317,7 @@ pub fn read_chunks<'a>(ids: &[&'a str]) -> Vec<Vec<&'a str>> {
 pub fn stored_items_sql(table: &str, ids: usize) -> String {
     let list = vec!["?"; ids].join(", ");
     format!(
-        "SELECT id, version, content, content_type, content_hash, origin_topic, origin_partition, origin_offset \
+        "SELECT id, version, content, content_type, content_hash, origin_topic, origin_partition, origin_offset, state \
          FROM {table} WHERE id IN ({list})"
     )
 }
@@ -237,12 +348,12 @@ pub fn placeholders(rows: usize, columns: usize) -> String {
     vec![row; rows].join(", ")
 }
 
-pub const COLUMNS: &str =
-    "id, version, content, content_type, content_hash, deleted, updated_at_ms, origin_topic, origin_partition, origin_offset";
-pub const COLUMN_COUNT: usize = 10;
+pub const COLUMNS: &str = "id, version, content, content_type, content_hash, deleted, updated_at_ms, \
+    origin_topic, origin_partition, origin_offset, state";
+pub const COLUMN_COUNT: usize = 11;
 /// Columns an upsert assigns, in an order where `version` comes last (MySQL applies
 /// assignments left to right and the guard reads `version` and the origin).
-pub const ASSIGNED: [&str; 9] = [
+pub const ASSIGNED: [&str; 10] = [
     "content",
     "content_type",
     "content_hash",
@@ -251,6 +362,7 @@ pub const ASSIGNED: [&str; 9] = [
     "origin_topic",
     "origin_partition",
     "origin_offset",
+    "state",
     "version",
 ];
 
@@ -307,7 +419,18 @@ where
     })
 }
 
-/// An item from a `SELECT id, content, content_type, origin_*` row; the version is decoded by
+/// The row's `state` (stored as bytes; they are ASCII, checked when written).
+fn state_from_row<'r, R>(row: &'r R) -> Result<Option<String>, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let state: Option<Vec<u8>> = column(row, "state")?;
+    Ok(state.map(|state| String::from_utf8_lossy(&state).into_owned()))
+}
+
+/// An item from a `SELECT id, content, content_type, origin_*, state` row; the version is decoded by
 /// the caller (MySQL stores it unsigned, SQLite signed).
 pub fn item_from_row<'r, R>(row: &'r R, version: u64) -> Result<SyncItem, StoreError>
 where
@@ -328,6 +451,7 @@ where
         content: content.map(Bytes::from),
         content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
         origin,
+        state: state_from_row(row)?,
     })
 }
 
@@ -338,7 +462,7 @@ pub fn held_rows_sql(table: &str, rows: usize, locking: bool) -> String {
     let ids = vec!["?"; rows].join(", ");
     let lock = if locking { " FOR UPDATE" } else { "" };
     format!(
-        "SELECT id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset \
+        "SELECT id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset, state \
          FROM {table} WHERE id IN ({ids}){lock}"
     )
 }
@@ -362,6 +486,7 @@ where
         origin,
         content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
         deleted: column(row, "deleted")?,
+        state: state_from_row(row)?,
     };
     Ok((String::from_utf8_lossy(&id).into_owned(), held))
 }
@@ -414,6 +539,18 @@ mod tests {
         assert_eq!(read_chunks(&ids[..7]).iter().map(Vec::len).collect::<Vec<_>>(), vec![10]);
         assert_eq!(read_chunks(&ids[..1])[0], vec!["0"]);
         assert!(read_chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn like_literals_escape_wildcards_and_the_escape_character() {
+        assert_eq!(like_literal("uk.nhs"), "uk.nhs");
+        assert_eq!(like_literal("a%b_c!d"), "a!%b!_c!!d");
+        let (condition, values) = Selection::Prefix("a_%").condition();
+        assert_eq!(condition, "(id = ? OR (id >= ? AND id < ? AND id LIKE ? ESCAPE '!'))");
+        let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        assert_eq!(values, [&b"a_%"[..], b"a_%.", b"a_%/", b"a!_!%.%"]);
+        // The range is exactly the ids that start with the prefix and a dot.
+        assert_eq!(b'.' + 1, b'/');
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError, Stored};
 
 pub struct MySqlStore {
@@ -39,6 +39,11 @@ const MIGRATIONS: [(i64, &str); 1] = [(
         origin_offset BIGINT NULL
     ) ENGINE=InnoDB",
 )];
+
+/// The migration that adds the `state` column and its `(state, id)` index (`add_state`):
+/// code rather than one statement, so that it also works on MySQL, which lacks MariaDB's
+/// `ADD COLUMN IF NOT EXISTS`, and on a table some other process migrated meanwhile.
+const STATE_MIGRATION: i64 = 2;
 
 const GUARD: &str = "VALUES(version) > version OR (VALUES(version) = version \
     AND VALUES(origin_topic) = origin_topic AND VALUES(origin_partition) = origin_partition \
@@ -86,20 +91,63 @@ impl MySqlStore {
         let create_ledger =
             format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
         sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
-        for (version, template) in MIGRATIONS {
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(classify)?;
             if done.is_none() {
-                sqlx::query(&template.replace("{table}", &self.table)).execute(&self.pool).await.map_err(classify)?;
+                match MIGRATIONS.iter().find(|(number, _)| *number == version) {
+                    Some((_, template)) => {
+                        let statement = template.replace("{table}", &self.table);
+                        sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                    }
+                    None => self.add_state().await?,
+                }
                 sqlx::query(&format!("INSERT IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
                     .bind(now_ms())
                     .execute(&self.pool)
                     .await
                     .map_err(classify)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the nullable `state` column and the `(state, id)` index unless the table has them
+    /// (a table created before states existed gets them here; MariaDB adds a nullable column
+    /// instantly, the index is built online). Another process adding them at the same time
+    /// is fine: a failed `ALTER` is an error only if the column or index is still missing.
+    async fn add_state(&self) -> Result<(), StoreError> {
+        let table = &self.table;
+        let steps = [
+            (
+                "SELECT COUNT(*) FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND column_name = 'state'",
+                format!("ALTER TABLE {table} ADD COLUMN state VARBINARY(64) NULL"),
+            ),
+            (
+                "SELECT COUNT(*) FROM information_schema.statistics \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = 'state_id'",
+                // Index names are per table in MySQL: no need to prefix it with the table's.
+                format!("ALTER TABLE {table} ADD INDEX state_id (state, id)"),
+            ),
+        ];
+        for (check, alter) in steps {
+            let present = || async {
+                let count: i64 = sqlx::query_scalar(check).bind(table).fetch_one(&self.pool).await.map_err(classify)?;
+                Ok::<bool, StoreError>(count > 0)
+            };
+            if present().await? {
+                continue;
+            }
+            if let Err(error) = sqlx::query(&alter).execute(&self.pool).await {
+                if !present().await? {
+                    return Err(classify(error));
+                }
             }
         }
         Ok(())
@@ -138,7 +186,8 @@ impl MySqlStore {
                     .bind(updated_at_ms)
                     .bind(origin.map(|o| o.topic.as_ref()))
                     .bind(origin.map(|o| o.partition))
-                    .bind(origin.map(|o| o.offset));
+                    .bind(origin.map(|o| o.offset))
+                    .bind(item.state.as_deref().map(str::as_bytes));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
             // Read back under the row locks the upsert holds: what this transaction commits.
@@ -158,7 +207,8 @@ impl MySqlStore {
 
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
         let statement = format!(
-            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset FROM {} WHERE id = ?",
+            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset, state \
+             FROM {} WHERE id = ?",
             self.table
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
@@ -184,6 +234,54 @@ impl MySqlStore {
         let deleted: Option<bool> =
             sqlx::query_scalar(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
         Ok(deleted.map(|deleted| !deleted))
+    }
+
+    /// A selection's query with its values, the `after` id and the limit bound.
+    fn bind_scan<'q>(
+        statement: &'q str,
+        selection: &Selection,
+        after: &'q str,
+        limit: i64,
+    ) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+        let mut query = sqlx::query(statement);
+        for value in selection.condition().1 {
+            query = query.bind(value);
+        }
+        query.bind(after.as_bytes()).bind(limit)
+    }
+
+    pub async fn scan(&self, selection: &Selection<'_>, after: &str, limit: i64) -> Result<Vec<SyncItem>, StoreError> {
+        let statement = sql::scan_sql(&self.table, selection, false);
+        let rows =
+            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter().map(|row| sql::item_from_row(row, row.try_get::<u64, _>("version").map_err(classify)?)).collect()
+    }
+
+    pub async fn scan_ids(
+        &self,
+        selection: &Selection<'_>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let statement = sql::scan_sql(&self.table, selection, true);
+        let rows =
+            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+                Ok(String::from_utf8_lossy(&id).into_owned())
+            })
+            .collect()
+    }
+
+    pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {
+        let statement = sql::count_sql(&self.table, selection);
+        let mut query = sqlx::query_scalar(&statement);
+        for value in selection.condition().1 {
+            query = query.bind(value);
+        }
+        let count: i64 = query.fetch_one(&self.pool).await.map_err(classify)?;
+        Ok(count.max(0) as u64)
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {

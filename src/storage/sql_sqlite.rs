@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError, Stored};
 
 pub struct SqliteStore {
@@ -36,6 +36,10 @@ const MIGRATIONS: [(i64, &str); 1] = [(
         origin_offset INTEGER NULL
     )",
 )];
+
+/// The migration that adds the `state` column and its `(state, id)` index (`add_state`):
+/// SQLite has no `ADD COLUMN IF NOT EXISTS`, so the table's columns are checked first.
+const STATE_MIGRATION: i64 = 2;
 
 /// SQLite integers are signed: a version above `i64::MAX` cannot be stored as is.
 pub fn refuses(item: &SyncItem) -> Option<String> {
@@ -71,14 +75,21 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(classify)?;
-        for (version, template) in MIGRATIONS {
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(classify)?;
             if done.is_none() {
-                sqlx::query(&template.replace("{table}", &self.table)).execute(&self.pool).await.map_err(classify)?;
+                match MIGRATIONS.iter().find(|(number, _)| *number == version) {
+                    Some((_, template)) => {
+                        let statement = template.replace("{table}", &self.table);
+                        sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                    }
+                    None => self.add_state().await?,
+                }
                 sqlx::query(&format!("INSERT OR IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
                     .bind(now_ms() as i64)
@@ -87,6 +98,28 @@ impl SqliteStore {
                     .map_err(classify)?;
             }
         }
+        Ok(())
+    }
+
+    /// Adds the nullable `state` column (unless `pragma table_info` lists it) and the
+    /// `(state, id)` index. Index names are per database in SQLite: it is `<table>_state_id`.
+    async fn add_state(&self) -> Result<(), StoreError> {
+        let table = &self.table;
+        let present: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'state'"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
+        if present == 0 {
+            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN state BLOB NULL"))
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+        }
+        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {table}_state_id ON {table} (state, id)"))
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 
@@ -125,7 +158,8 @@ impl SqliteStore {
                     .bind(updated_at_ms)
                     .bind(origin.map(|o| o.topic.to_string()))
                     .bind(origin.map(|o| o.partition))
-                    .bind(origin.map(|o| o.offset));
+                    .bind(origin.map(|o| o.offset))
+                    .bind(item.state.as_deref().map(str::as_bytes));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
             // SQLite has one writer: the read-back sees exactly what this transaction commits.
@@ -145,7 +179,8 @@ impl SqliteStore {
 
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
         let statement = format!(
-            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset FROM {} WHERE id = ?",
+            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset, state \
+             FROM {} WHERE id = ?",
             self.table
         );
         let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
@@ -173,6 +208,56 @@ impl SqliteStore {
         let deleted: Option<bool> =
             sqlx::query_scalar(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
         Ok(deleted.map(|deleted| !deleted))
+    }
+
+    /// A selection's query with its values, the `after` id and the limit bound.
+    fn bind_scan<'q>(
+        statement: &'q str,
+        selection: &Selection,
+        after: &'q str,
+        limit: i64,
+    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+        let mut query = sqlx::query(statement);
+        for value in selection.condition().1 {
+            query = query.bind(value);
+        }
+        query.bind(after.as_bytes()).bind(limit)
+    }
+
+    pub async fn scan(&self, selection: &Selection<'_>, after: &str, limit: i64) -> Result<Vec<SyncItem>, StoreError> {
+        let statement = sql::scan_sql(&self.table, selection, false);
+        let rows =
+            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| sql::item_from_row(row, row.try_get::<i64, _>("version").map_err(classify)? as u64))
+            .collect()
+    }
+
+    pub async fn scan_ids(
+        &self,
+        selection: &Selection<'_>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let statement = sql::scan_sql(&self.table, selection, true);
+        let rows =
+            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
+        rows.iter()
+            .map(|row| {
+                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
+                Ok(String::from_utf8_lossy(&id).into_owned())
+            })
+            .collect()
+    }
+
+    pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {
+        let statement = sql::count_sql(&self.table, selection);
+        let mut query = sqlx::query_scalar(&statement);
+        for value in selection.condition().1 {
+            query = query.bind(value);
+        }
+        let count: i64 = query.fetch_one(&self.pool).await.map_err(classify)?;
+        Ok(count.max(0) as u64)
     }
 
     pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
