@@ -19,6 +19,7 @@
 //! | `metrics` | every metric name and its description |
 //! | `http` | the endpoint: `/metrics`, `/health/live`, `/health/ready` |
 //! | `workload` | the generated workload (updates, deletes, poison) and its L3 check, for the demo, the benchmark and tests |
+//! | `reload` | the worker's env file (`SYNC_ENV_FILE`) and what a SIGHUP may change live |
 //! | `rfc3339` | RFC 3339 times ↔ epoch milliseconds, for `replay --to-datetime` |
 //!
 //! The command's subcommands (`run`, `demo`, `produce`, `offsets`, `replay`, `ceiling`) are
@@ -56,6 +57,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod options;
 pub mod pressure;
+pub mod reload;
 pub mod resilience;
 pub mod rfc3339;
 pub mod storage;

@@ -35,6 +35,7 @@ pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
 pub const CORRUPT_READS: &str = "sync_corrupt_reads_total";
+pub const CONFIG_RELOADS: &str = "sync_config_reloads_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
@@ -107,5 +108,6 @@ fn describe() {
     describe_gauge!(L2_STALE_IDS, "Ids whose L2 write failed, waiting for repair from L3");
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
+    describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the configuration, by outcome (applied, refused)");
     describe_counter!(CORRUPT_READS, "Verified reads whose content did not match its stored SHA-256, by tier (l2, l3)");
 }

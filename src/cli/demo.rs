@@ -148,7 +148,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
 
 /// Runs the demo and prints its summary; fails unless every id holds its newest version.
 pub async fn run_and_report(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    super::run::init_logs(sync_engine::config::LogFormat::Text);
+    let _ = super::run::init_logs(sync_engine::config::LogFormat::Text, sync_engine::config::DEFAULT_LOG_FILTER);
     println!(
         "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite",
         args.items, args.item_bytes

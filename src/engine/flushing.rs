@@ -114,7 +114,7 @@ fn ends_at_l2(stores: &Stores, pending: &Pending) -> bool {
 }
 
 fn ttl(stores: &Stores, pending: &Pending) -> u64 {
-    pending.options.redis_ttl.resolve_secs(stores.redis_ttl_secs)
+    pending.options.redis_ttl.resolve_secs(stores.redis_ttl_secs())
 }
 
 /// Writes a batch's L3-bound items to L3 (or the WAL) and hands the batch on with the outcome.

@@ -131,7 +131,7 @@ async fn repair(
             None => invalidate.push(id.as_str()),
         }
     }
-    let items: Vec<_> = rewrite.iter().map(|item| (item, stores.redis_ttl_secs)).collect();
+    let items: Vec<_> = rewrite.iter().map(|item| (item, stores.redis_ttl_secs())).collect();
     let failed = l2.write_batch(&items).await;
     if let Err(error) = l2.invalidate(&invalidate).await {
         return Err((error.to_string(), ids));

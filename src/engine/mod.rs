@@ -19,6 +19,7 @@ mod flushing;
 mod l2_repair;
 mod pending;
 mod prefix;
+mod reconfigure;
 mod reads;
 mod state;
 mod wal_drain;
@@ -158,9 +159,16 @@ pub(crate) struct Stores {
     pub l2_dirty: l2_repair::DirtyIds,
     pub l3_breaker: SharedBreaker,
     pub l2_breaker: SharedBreaker,
-    pub redis_ttl_secs: u64,
+    /// The default L2 TTL (0: none); changes live (`reconfigure.rs`).
+    pub redis_ttl_secs: std::sync::atomic::AtomicU64,
     pub sql_write_timeout: std::time::Duration,
     pub late_rejections: mpsc::UnboundedSender<LateRejection>,
+}
+
+impl Stores {
+    pub fn redis_ttl_secs(&self) -> u64 {
+        self.redis_ttl_secs.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 pub struct SyncEngine {
@@ -181,7 +189,8 @@ pub struct SyncEngine {
 }
 
 impl SyncEngine {
-    /// `config_rx` carries live updates: batch limits are re-read for every batch.
+    /// `config_rx` carries live updates (keep its sender): batch limits are re-read for every
+    /// batch, the default L2 TTL applies to writes from then on (`reconfigure.rs`).
     pub fn new(config: SyncEngineConfig, config_rx: watch::Receiver<SyncEngineConfig>) -> SyncEngine {
         SyncEngine {
             l1: L1Cache::new(config.l1_max_bytes),
@@ -252,7 +261,7 @@ impl SyncEngine {
             l2_dirty: Default::default(),
             l3_breaker: SharedBreaker::new("l3", failures, cool_down),
             l2_breaker: SharedBreaker::new("l2", failures, cool_down),
-            redis_ttl_secs: self.config.redis_ttl_secs,
+            redis_ttl_secs: self.config.redis_ttl_secs.into(),
             sql_write_timeout: self.config.sql_write_timeout,
             late_rejections: late_tx,
         });
@@ -264,6 +273,7 @@ impl SyncEngine {
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(reconfigure::run(stores.clone(), self.config_rx.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
         self.queue_tx = Some(queue_tx);
@@ -376,7 +386,7 @@ impl SyncEngine {
         let item = Arc::new(item);
         if let Some(l2) = &stores.l2 {
             // A failed fill only costs a later L3 read.
-            for (id, error) in l2.write_batch(&[(&item, stores.redis_ttl_secs)]).await {
+            for (id, error) in l2.write_batch(&[(&item, stores.redis_ttl_secs())]).await {
                 tracing::warn!(id, %error, "L2 fill after an L3 read failed");
             }
         }

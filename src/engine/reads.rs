@@ -76,7 +76,7 @@ impl SyncEngine {
         let items: Vec<Arc<SyncItem>> = l3.get_many(&missing).await?.into_iter().map(|s| Arc::new(s.item)).collect();
         if let Some(l2) = &stores.l2 {
             let fills: Vec<(&SyncItem, u64)> =
-                items.iter().map(|item| (item.as_ref(), stores.redis_ttl_secs)).collect();
+                items.iter().map(|item| (item.as_ref(), stores.redis_ttl_secs())).collect();
             // A failed fill only costs a later L3 read.
             for (id, error) in l2.write_batch(&fills).await {
                 tracing::warn!(id, %error, "L2 fill after an L3 read failed");
@@ -193,7 +193,7 @@ impl SyncEngine {
         }
         let item = Arc::new(stored.item);
         if let Some(l2) = &stores.l2 {
-            for (id, error) in l2.write_batch(&[(&item, stores.redis_ttl_secs)]).await {
+            for (id, error) in l2.write_batch(&[(&item, stores.redis_ttl_secs())]).await {
                 tracing::warn!(id, %error, "L2 fill after an L3 read failed");
             }
         }

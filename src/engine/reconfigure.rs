@@ -1,0 +1,41 @@
+//! The reconfigure task: applies live settings that arrive on the engine's `watch` receiver.
+//!
+//! Batch limits are re-read by the batch task for every batch; this task applies the rest:
+//! the default L2 TTL (for items written from now on). Settings that shape connections (URLs,
+//! table, prefix, WAL directory, breaker thresholds) are read once at `start` and need a new
+//! engine.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Stores;
+use crate::config::SyncEngineConfig;
+
+pub(super) async fn run(
+    stores: Arc<Stores>,
+    mut config_rx: watch::Receiver<SyncEngineConfig>,
+    stopping: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stopping.cancelled() => return,
+            changed = config_rx.changed() => {
+                if changed.is_err() {
+                    return; // the sender is gone: no more updates
+                }
+                let config = config_rx.borrow_and_update().clone();
+                apply(&stores, &config);
+            }
+        }
+    }
+}
+
+fn apply(stores: &Stores, config: &SyncEngineConfig) {
+    let ttl = config.redis_ttl_secs.min(crate::decode::MAX_TTL_SECS);
+    if stores.redis_ttl_secs.swap(ttl, Ordering::Relaxed) != ttl {
+        tracing::info!(redis_ttl_secs = ttl, "default L2 TTL changed");
+    }
+}
