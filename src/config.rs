@@ -335,6 +335,14 @@ impl Default for SyncEngineConfig {
 }
 
 impl SyncEngineConfig {
+    /// The L3 and L2 breakers' settings (`breaker_failures`, `breaker_cool_down`).
+    pub fn circuit_config(&self) -> crate::resilience::circuit_breaker::CircuitConfig {
+        crate::resilience::circuit_breaker::CircuitConfig {
+            failure_threshold: self.breaker_failures,
+            cool_down: self.breaker_cool_down,
+        }
+    }
+
     /// An engine with no L2 and no L3 configured (tests and embedding fill in what they need).
     pub fn in_memory() -> SyncEngineConfig {
         SyncEngineConfig::default()

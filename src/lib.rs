@@ -69,7 +69,10 @@ pub use config::{Config, SyncEngineConfig};
 pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
-pub use resilience::circuit_breaker::CircuitBreaker;
+pub use metrics::LatencyTimer;
+pub use resilience::circuit_breaker::{BackendCircuits, CircuitBreaker, CircuitConfig, CircuitError};
 pub use resilience::retry::RetryConfig;
-pub use resilience::wal::WriteAheadLog;
+pub use resilience::wal::{WalStats, WriteAheadLog};
+/// The seed's name for `StoreError`.
+pub use storage::StoreError as StorageError;
 pub use storage::StoreError;

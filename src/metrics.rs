@@ -3,6 +3,8 @@
 //! Names follow Prometheus conventions: `sync_<name>_<unit>[_total]`. Code records through the
 //! constants below, so a metric's name lives here only. Nothing secret is ever a label.
 
+use std::time::Instant;
+
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const RECORDS_CONSUMED: &str = "sync_records_consumed_total";
@@ -110,4 +112,26 @@ fn describe() {
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
     describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the configuration, by outcome (applied, refused)");
     describe_counter!(CORRUPT_READS, "Verified reads whose content did not match its stored SHA-256, by tier (l2, l3)");
+}
+
+/// Times one operation into a histogram, in seconds: `observe` records it (a timer dropped
+/// without `observe`, on an early return, records nothing: a failed or abandoned operation
+/// is not a latency).
+#[must_use = "a timer records only when observed"]
+pub struct LatencyTimer {
+    histogram: metrics::Histogram,
+    started: Instant,
+}
+
+impl LatencyTimer {
+    pub fn start(histogram: metrics::Histogram) -> LatencyTimer {
+        LatencyTimer { histogram, started: Instant::now() }
+    }
+
+    /// Records the time since `start` and returns it.
+    pub fn observe(self) -> std::time::Duration {
+        let elapsed = self.started.elapsed();
+        self.histogram.record(elapsed.as_secs_f64());
+        elapsed
+    }
 }

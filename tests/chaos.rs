@@ -52,6 +52,8 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     assert_eq!(committed, ends.0, "offsets must commit while MySQL is down: the WAL settles them");
     let logged = wal_bytes(wal_dir.path());
     assert!(logged > 0, "the WAL must hold the batches MySQL could not take");
+    let stats = worker.engine.wal_stats().expect("the engine has a WAL");
+    assert!(stats.bytes > 0 && stats.segments > 0, "wal_stats shows what the log holds: {stats:?}");
     tokio::time::sleep(Duration::from_secs(15).saturating_sub(down_at.elapsed())).await;
 
     private_mariadb("start", port);
@@ -60,6 +62,7 @@ async fn mysql_down_for_fifteen_seconds_the_wal_settles_and_drains_and_the_final
     let drained = eventually(Duration::from_secs(60), move || wal_bytes(&dir) == 0).await;
     let recovery = up_at.elapsed();
     assert!(drained, "the WAL must drain once MySQL is back");
+    assert_eq!(worker.engine.wal_stats().map(|stats| stats.bytes), Some(0), "wal_stats follows the drain");
     worker.stop().await;
 
     let produced = workload.expected().len();

@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::batching::FlushBatch;
 use super::{Pending, SettleError, SettleResult, Stores, Tier};
 use crate::item::SyncItem;
-use crate::metrics as m;
+use crate::metrics::{self as m, LatencyTimer};
 use crate::resilience::retry::{Backoff, RetryConfig};
 use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRows, SqlStore};
@@ -226,19 +225,19 @@ async fn write_l3_accepted(
     if to_l3.is_empty() {
         return L3Outcome::settled(Tier::L3);
     }
-    let started = Instant::now();
+    let timer = LatencyTimer::start(metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l3"));
     let items: Vec<&SyncItem> = newest_per_id(to_l3.iter().map(|(_, p)| *p)).iter().map(|p| p.item.as_ref()).collect();
     let mut backoff = Backoff::new(RetryConfig::default());
     let mut lock_races = 0;
     let outcome = loop {
-        if stores.l3_breaker.allows() {
+        if stores.circuits.l3.allows() {
             match l3.write_batch(&items, stores.sql_write_timeout).await {
                 Ok(held) => {
-                    stores.l3_breaker.record(true);
+                    stores.circuits.l3.record(true);
                     break L3Outcome { tier: Tier::L3, unsettled: HashMap::new(), held };
                 }
                 Err(StoreError::Rejected(error)) => {
-                    stores.l3_breaker.record(true);
+                    stores.circuits.l3.record(true);
                     tracing::warn!(%error, items = items.len(), "L3 rejected a batch, writing its items one by one");
                     break write_l3_one_by_one(stores, to_l3, aborting).await;
                 }
@@ -252,7 +251,7 @@ async fn write_l3_accepted(
                     continue;
                 }
                 Err(StoreError::Unavailable(error) | StoreError::Transient(error)) => {
-                    stores.l3_breaker.record(false);
+                    stores.circuits.l3.record(false);
                     metrics::counter!(m::STORE_ERRORS, "tier" => "l3", "kind" => "unavailable").increment(1);
                     tracing::warn!(%error, "L3 unavailable");
                 }
@@ -271,7 +270,7 @@ async fn write_l3_accepted(
             break L3Outcome { tier: Tier::L3, unsettled: abandon_all(to_l3), held: HeldRows::new() };
         }
     };
-    metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l3").record(started.elapsed().as_secs_f64());
+    timer.observe();
     outcome
 }
 
@@ -378,8 +377,8 @@ pub(super) async fn apply_l2(stores: &Stores, ops: &[L2Op<'_>]) -> Vec<String> {
     if ops.is_empty() {
         return Vec::new();
     }
-    let started = Instant::now();
-    let failed: Vec<(String, StoreError)> = if stores.l2_breaker.allows() {
+    let timer = LatencyTimer::start(metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l2"));
+    let failed: Vec<(String, StoreError)> = if stores.circuits.l2.allows() {
         let failed = match tokio::time::timeout(L2_ATTEMPT_DEADLINE, l2.apply(ops)).await {
             Ok(failed) => failed,
             Err(_) => {
@@ -387,14 +386,14 @@ pub(super) async fn apply_l2(stores: &Stores, ops: &[L2Op<'_>]) -> Vec<String> {
                 ops.iter().map(|op| (op.id().to_owned(), late.clone())).collect()
             }
         };
-        stores.l2_breaker.record(failed.is_empty());
+        stores.circuits.l2.record(failed.is_empty());
         failed
     } else {
         // Open breaker: skip the round trips that would time out; repair fixes L2 later.
         let open = StoreError::Unavailable("L2 circuit breaker open".into());
         ops.iter().map(|op| (op.id().to_owned(), open.clone())).collect()
     };
-    metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l2").record(started.elapsed().as_secs_f64());
+    timer.observe();
     if let Some((_, error)) = failed.first() {
         metrics::counter!(m::STORE_ERRORS, "tier" => "l2", "kind" => "unavailable").increment(failed.len() as u64);
         tracing::warn!(failed = failed.len(), %error, "L2 write failed");

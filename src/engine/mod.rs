@@ -40,7 +40,7 @@ use crate::cache::L1Cache;
 use crate::config::SyncEngineConfig;
 use crate::item::{now_ms, SyncItem};
 use crate::options::SubmitOptions;
-use crate::resilience::circuit_breaker::SharedBreaker;
+use crate::resilience::circuit_breaker::BackendCircuits;
 use crate::storage::redis::RedisStore;
 use crate::storage::sql::SqlStore;
 use crate::storage::StoreError;
@@ -157,8 +157,7 @@ pub(crate) struct Stores {
     pub wal: Option<wal_drain::SharedWal>,
     /// Ids whose L2 write failed: repaired from L3 when Redis answers.
     pub l2_dirty: l2_repair::DirtyIds,
-    pub l3_breaker: SharedBreaker,
-    pub l2_breaker: SharedBreaker,
+    pub circuits: BackendCircuits,
     /// The default L2 TTL (0: none); changes live (`reconfigure.rs`).
     pub redis_ttl_secs: std::sync::atomic::AtomicU64,
     pub sql_write_timeout: std::time::Duration,
@@ -250,7 +249,6 @@ impl SyncEngine {
                 );
             }
         }
-        let (failures, cool_down) = (self.config.breaker_failures, self.config.breaker_cool_down);
         let (late_tx, late_rx) = mpsc::unbounded_channel();
         *self.late_rejections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(late_rx);
         let stores = Arc::new(Stores {
@@ -259,8 +257,7 @@ impl SyncEngine {
             l3,
             wal,
             l2_dirty: Default::default(),
-            l3_breaker: SharedBreaker::new("l3", failures, cool_down),
-            l2_breaker: SharedBreaker::new("l2", failures, cool_down),
+            circuits: BackendCircuits::new(self.config.circuit_config()),
             redis_ttl_secs: self.config.redis_ttl_secs.into(),
             sql_write_timeout: self.config.sql_write_timeout,
             late_rejections: late_tx,
@@ -298,13 +295,19 @@ impl SyncEngine {
         let Some(stores) = self.stores.as_deref() else { return BackendState::default() };
         let mut breakers = Vec::new();
         if stores.l3.is_some() {
-            breakers.push(("l3", stores.l3_breaker.state()));
+            breakers.push(("l3", stores.circuits.l3.state()));
         }
         if stores.l2.is_some() {
-            breakers.push(("l2", stores.l2_breaker.state()));
+            breakers.push(("l2", stores.circuits.l2.state()));
         }
-        let wal_bytes = stores.wal.as_ref().map_or(0, |wal| wal.lock().map(|log| log.total_bytes()).unwrap_or(0));
+        let wal_bytes = self.wal_stats().map_or(0, |stats| stats.bytes);
         BackendState { breakers, wal_bytes, l2_stale_ids: stores.l2_dirty.len() as u64 }
+    }
+
+    /// What the write-ahead log holds (`None` without a WAL, or before `start`).
+    pub fn wal_stats(&self) -> Option<crate::resilience::wal::WalStats> {
+        let wal = self.stores.as_ref()?.wal.as_ref()?;
+        wal.lock().ok().map(|log| log.stats())
     }
 
     /// Items L3 rejected while the write-ahead log drained (once; `None` after the first

@@ -24,6 +24,7 @@ use super::flushing::{apply_l2, invalidate_l2};
 use super::{LateRejection, Stores};
 use crate::item::SyncItem;
 use crate::metrics as m;
+use crate::resilience::circuit_breaker::CircuitError;
 use crate::resilience::wal::{Failpoints, RecoveryReport, Scanned, SegmentReader, WalConfig, WalError, WriteAheadLog};
 use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRows, SqlStore};
@@ -104,15 +105,16 @@ pub(super) async fn run_drain(stores: Arc<Stores>, stopping: CancellationToken) 
             _ = tokio::time::sleep(DRAIN_INTERVAL) => {}
         }
         let empty = wal.lock().map(|log| log.is_empty()).unwrap_or(true);
-        if empty || !stores.l3_breaker.allows() {
+        if empty {
             continue;
         }
-        match drain(&stores, &wal, &stopping).await {
-            Ok(()) => stores.l3_breaker.record(true),
-            Err(error) => {
+        // The drain is the L3 breaker's probe: skipped while it is open, and its outcome
+        // closes or reopens it.
+        match stores.circuits.l3.call(drain(&stores, &wal, &stopping)).await {
+            Ok(()) | Err(CircuitError::Open(_)) => {}
+            Err(CircuitError::Failed(error)) => {
                 metrics::counter!(m::WAL_ERRORS, "operation" => "drain").increment(1);
                 tracing::warn!(%error, "write-ahead log drain stopped, will retry");
-                stores.l3_breaker.record(false);
             }
         }
     }

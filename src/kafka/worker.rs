@@ -40,7 +40,7 @@ use crate::item::{now_ms, SyncItem};
 use crate::kafka::lag::LagBoard;
 use crate::metrics as m;
 use crate::options::{SubmitOptions, Tiers};
-use crate::resilience::circuit_breaker::SharedBreaker;
+use crate::resilience::circuit_breaker::{CircuitConfig, SharedBreaker};
 
 /// Counters a caller can watch (the demo's progress bar, tests).
 #[derive(Debug, Default)]
@@ -256,7 +256,7 @@ impl Worker {
             limits: DecodeLimits { max_item_bytes: kafka.max_item_bytes },
             revoke_deadline: kafka.revoke_deadline,
             stats,
-            dlq_breaker: SharedBreaker::new("dlq", 3, DLQ_RETRY_WHEN_OPEN),
+            dlq_breaker: SharedBreaker::new("dlq", CircuitConfig { failure_threshold: 3, cool_down: DLQ_RETRY_WHEN_OPEN }),
             assignment: (0, Vec::new()),
         }
     }

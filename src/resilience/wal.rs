@@ -96,6 +96,15 @@ struct Active {
     bytes: u64,
 }
 
+/// What the log holds now: `SyncEngine::wal_stats`, `/health/ready`'s `wal_bytes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Bytes waiting to drain into L3.
+    pub bytes: u64,
+    /// Segment files on disk, the one being appended to included.
+    pub segments: usize,
+}
+
 pub struct WriteAheadLog {
     config: WalConfig,
     failpoints: Failpoints,
@@ -249,6 +258,10 @@ impl WriteAheadLog {
             }
         }
         Ok(())
+    }
+
+    pub fn stats(&self) -> WalStats {
+        WalStats { bytes: self.total_bytes, segments: self.sealed.len() + usize::from(self.active.is_some()) }
     }
 
     pub fn total_bytes(&self) -> u64 {
