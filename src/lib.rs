@@ -10,7 +10,7 @@
 //! | `options` | `SubmitOptions` (tiers, `CacheTtl`) |
 //! | `decode` | one Kafka record → item + options, or a dead-letter reason (pure) |
 //! | `batch` | the hybrid batcher: count, bytes, age (pure, time passed in) |
-//! | `pressure` | memory budget and pause/resume decisions (pure) |
+//! | `pressure` | memory budget, `BackpressureLevel` thresholds with hysteresis, pause/resume decisions (pure) |
 //! | `cache` | L1 over moka, bounded by bytes, version-guarded |
 //! | `storage` | L2 (`redis`) and L3 (`sql`: MySQL and SQLite), version-guarded writes |
 //! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain and L2 repair tasks |
@@ -64,6 +64,7 @@ pub use config::{Config, SyncEngineConfig};
 pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
+pub use pressure::{BackpressureLevel, BackpressureThresholds};
 pub use resilience::circuit_breaker::CircuitBreaker;
 pub use resilience::retry::RetryConfig;
 pub use resilience::wal::WriteAheadLog;
