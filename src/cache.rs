@@ -21,10 +21,12 @@ use moka::ops::compute::Op;
 use crate::item::{supersedes, SyncItem};
 use crate::storage::sql::HeldRow;
 
-/// An item and when it was last read or written (a tick of `L1Cache::clock`).
+/// An item, when it was last read or written (a tick of `L1Cache::clock`), and how often
+/// it was read since it was stored.
 struct Entry {
     item: Arc<SyncItem>,
     last_access: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl Entry {
@@ -58,7 +60,7 @@ impl L1Cache {
 
     /// Stores the item unless L1 holds a version that it does not supersede.
     pub async fn put_if_newer(&self, item: Arc<SyncItem>) {
-        let entry = Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()) });
+        let entry = Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()), reads: AtomicU64::new(0) });
         self.cache
             .entry(entry.item.id.clone())
             .and_compute_with(|current| {
@@ -99,6 +101,7 @@ impl L1Cache {
         match self.cache.get(id).await {
             Some(entry) => {
                 entry.last_access.store(self.tick(), Ordering::Relaxed);
+                entry.reads.fetch_add(1, Ordering::Relaxed);
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 Some(entry.item.clone())
             }
@@ -130,9 +133,12 @@ impl L1Cache {
     }
 
     /// Evicts entries until `bytes_to_free` are freed (or nothing evictable is left),
-    /// largest × coldest first: an entry's rank is its size times the ticks since it was
-    /// last read or written, so a small entry read all the time stays and a large one
-    /// nobody reads goes first. Never an entry whose id `keep` names (the engine's ids not
+    /// largest × coldest first: an entry's rank is its size × coldness, coldness being
+    /// √(ticks since its last read or write) / (reads + 1). A small entry read often stays,
+    /// a large one nobody reads goes first; the reads weigh more than the idle time (its
+    /// square root), so a popular entry survives a lull, and the idle time still retires an
+    /// entry that was popular once. (Size × idle ticks alone, an LRU by bytes, lost to moka's
+    /// frequency-based policy on a Zipf-like workload: tests/backpressure.rs.) Never an entry whose id `keep` names (the engine's ids not
     /// yet settled: L1 must keep answering reads of those with the newest version), checked
     /// again at removal, and never an entry replaced since the ranking. Returns bytes freed.
     pub async fn evict_large_and_cold(&self, bytes_to_free: u64, keep: impl Fn(&str) -> bool) -> u64 {
@@ -145,8 +151,10 @@ impl L1Cache {
             .iter()
             .filter(|(id, _)| !keep(id))
             .map(|(id, entry)| {
-                let age = now.saturating_sub(entry.last_access.load(Ordering::Relaxed)) + 1;
-                (entry.size_bytes() as u128 * age as u128, id, entry)
+                let idle = now.saturating_sub(entry.last_access.load(Ordering::Relaxed));
+                let reads = entry.reads.load(Ordering::Relaxed) + 1;
+                let score = entry.size_bytes() as u128 * (idle.isqrt() + 1) as u128 / reads as u128;
+                (score, id, entry)
             })
             .collect();
         ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
