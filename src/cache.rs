@@ -4,8 +4,10 @@
 //! partition it came from, so a revoked partition's entries can be dropped: another pod now
 //! owns those ids and a stale L1 must never answer a read (invariant 5). L1 is a cache, never
 //! the only copy of an unsettled item: the batch queue holds its own reference.
-//! moka's size is an estimate that lags until its pending tasks run; the engine's memory
-//! pressure runs them before it reads the size (`engine/backpressure.rs`).
+//! moka's own size lags until its pending tasks run, so L1 counts its bytes itself for the
+//! engine's memory pressure (`bytes`): counted before an insert, uncounted when moka reports
+//! the removal. It can run ahead of moka (an eviction for size is reported at moka's next
+//! housekeeping), never behind, so pressure is never under-reported.
 //!
 //! Under memory pressure L1 gives way by `evict_large_and_cold`, which changes *what* is
 //! evicted: entries ranked by size × time since their last read, skipping the ids the caller
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moka::future::Cache;
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 
 use crate::item::{supersedes, SyncItem};
 use crate::storage::sql::HeldRow;
@@ -38,6 +40,8 @@ impl Entry {
 #[derive(Clone)]
 pub struct L1Cache {
     cache: Cache<String, Arc<Entry>>,
+    /// The bytes of the entries held (see the module doc).
+    bytes: Arc<AtomicU64>,
     /// The logical clock of reads and writes, for coldness.
     clock: Arc<AtomicU64>,
     hits: Arc<AtomicU64>,
@@ -46,12 +50,17 @@ pub struct L1Cache {
 
 impl L1Cache {
     pub fn new(max_bytes: u64) -> L1Cache {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let removed = bytes.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_id: &String, entry: &Arc<Entry>| u32::try_from(entry.size_bytes()).unwrap_or(u32::MAX))
+            .eviction_listener(move |_id, entry: Arc<Entry>, _cause| {
+                removed.fetch_sub(entry.size_bytes(), Ordering::SeqCst);
+            })
             .support_invalidation_closures()
             .build();
-        L1Cache { cache, clock: Default::default(), hits: Default::default(), misses: Default::default() }
+        L1Cache { cache, bytes, clock: Default::default(), hits: Default::default(), misses: Default::default() }
     }
 
     fn tick(&self) -> u64 {
@@ -61,13 +70,20 @@ impl L1Cache {
     /// Stores the item unless L1 holds a version that it does not supersede.
     pub async fn put_if_newer(&self, item: Arc<SyncItem>) {
         let entry = Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()), reads: AtomicU64::new(0) });
-        self.cache
+        let size = entry.size_bytes();
+        // Counted before it can be removed, so the count never dips below what is held.
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+        let result = self
+            .cache
             .entry(entry.item.id.clone())
             .and_compute_with(|current| {
                 let replace = current.is_none_or(|current| entry.item.supersedes(&current.value().item));
                 std::future::ready(if replace { Op::Put(entry) } else { Op::Nop })
             })
             .await;
+        if !matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
+            self.bytes.fetch_sub(size, Ordering::SeqCst);
+        }
     }
 
     /// Drops the id's entry unless it is L3's row or newer than it: an entry L3 refused (an
@@ -122,9 +138,9 @@ impl L1Cache {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 
-    /// The bytes L1 holds as of moka's last housekeeping (`run_pending_tasks`).
-    pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+    /// The bytes L1 holds, as counted by L1 itself (see the module doc).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
     }
 
     /// Applies moka's pending inserts, evictions and expiries.
@@ -171,7 +187,7 @@ impl L1Cache {
                     std::future::ready(if same && !keep(&id) { Op::Remove } else { Op::Nop })
                 })
                 .await;
-            if matches!(removed, moka::ops::compute::CompResult::Removed(_)) {
+            if matches!(removed, CompResult::Removed(_)) {
                 freed += ranked_entry.size_bytes();
             }
         }
@@ -252,6 +268,27 @@ mod tests {
         cache.run_pending_tasks().await;
         assert!(cache.contains("large-pending"));
         assert_eq!(cache.entry_count().await, 1);
+        assert_eq!(cache.bytes(), 10_000 + "large-pending".len() as u64 + 64);
+    }
+
+    #[tokio::test]
+    async fn l1_counts_its_bytes_through_inserts_replacements_removals_and_evictions() {
+        let cache = L1Cache::new(50_000);
+        cache.put_if_newer(sized("a", 1000)).await;
+        assert_eq!(cache.bytes(), 1065, "counted at once, before moka's housekeeping");
+        cache.put_if_newer(Arc::new(SyncItem::new("a", vec![b'y'; 2000]).with_version(2))).await;
+        cache.put_if_newer(sized("a", 5000)).await; // older: refused, not counted
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.bytes(), 2065);
+        cache.remove_exact(&SyncItem::new("a", vec![b'y'; 2000]).with_version(2)).await;
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.bytes(), 0);
+        for n in 0..100 {
+            cache.put_if_newer(sized(&format!("b{n}"), 1000)).await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(cache.bytes() <= 50_000, "moka's evictions for size are uncounted: {}", cache.bytes());
+        assert_eq!(cache.bytes(), cache.cache.weighted_size());
     }
 
     #[tokio::test]

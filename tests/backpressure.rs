@@ -324,7 +324,7 @@ async fn compare(shape: &str, size: impl Fn(usize) -> usize) -> (f64, f64) {
     // Unbounded by moka; the pass holds it to the same bytes, as the engine's relief does.
     let aware = L1Cache::new(u64::MAX >> 1);
     let aware_rate = hit_rate(&aware, &catalogue, reads, async |cache: &L1Cache| {
-        let excess = cache.weighted_size().saturating_sub(L1_BYTES);
+        let excess = cache.bytes().saturating_sub(L1_BYTES);
         cache.evict_large_and_cold(excess, |_| false).await;
         cache.run_pending_tasks().await;
     })
@@ -336,7 +336,7 @@ async fn compare(shape: &str, size: impl Fn(usize) -> usize) -> (f64, f64) {
         "{shape}: hit rate over {reads} reads: moka {moka_rate:.4}, pressure-aware {aware_rate:.4}; \
          hot ids kept at the end: moka {moka_hot}/40, pressure-aware {aware_hot}/40"
     );
-    assert!(aware.weighted_size() <= L1_BYTES, "the pressure-aware cache kept to the same bytes");
+    assert!(aware.bytes() <= L1_BYTES, "the pressure-aware cache kept to the same bytes");
     assert_eq!(aware_hot, hot.len(), "{shape}: every hot id must stay");
     (moka_rate, aware_rate)
 }

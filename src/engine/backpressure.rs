@@ -66,7 +66,7 @@ impl MemoryPressure {
 
     /// The bytes held now: unsettled items + L1 + the worker's Kafka records in flight.
     pub fn bytes(&self) -> u64 {
-        self.0.pending.bytes() + self.0.l1.weighted_size() + self.0.kafka_bytes.load(Ordering::SeqCst)
+        self.0.pending.bytes() + self.0.l1.bytes() + self.0.kafka_bytes.load(Ordering::SeqCst)
     }
 
     pub fn budget_bytes(&self) -> u64 {
@@ -142,7 +142,7 @@ pub(super) async fn run_relief(pressure: MemoryPressure, stopping: CancellationT
 /// One relief pass: evicts what the level asks for. Returns the bytes freed.
 pub(super) async fn relieve(pressure: &MemoryPressure) -> u64 {
     let monitor = &pressure.0;
-    // moka's size lags until its pending work runs: bring it up to date first.
+    // moka reports its own evictions at housekeeping: let it, so L1's count is current.
     monitor.l1.run_pending_tasks().await;
     let bytes = pressure.bytes();
     let (level, bounds) = pressure.refresh_with(bytes);

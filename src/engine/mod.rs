@@ -330,8 +330,8 @@ impl SyncEngine {
         self.pressure.subscribe()
     }
 
-    /// The bytes the engine holds, as its pressure counts them: unsettled items + L1 (as
-    /// of moka's last housekeeping) + a Kafka worker's records in flight.
+    /// The bytes the engine holds, as its pressure counts them: unsettled items + L1 + a
+    /// Kafka worker's records in flight.
     pub fn memory_bytes(&self) -> u64 {
         self.pressure.bytes()
     }
