@@ -416,7 +416,8 @@ mod tests {
     fn the_engine_shares_the_worker_budget_and_thresholds_are_validated() {
         let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
         let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
-        let config = with(&[("SYNC_MEMORY_BUDGET_BYTES", "33554432"), ("SYNC_BACKPRESSURE_WARN_PERCENT", "40")]).unwrap();
+        let config =
+            with(&[("SYNC_MEMORY_BUDGET_BYTES", "33554432"), ("SYNC_BACKPRESSURE_WARN_PERCENT", "40")]).unwrap();
         assert_eq!(config.engine.memory_budget_bytes, 32 << 20);
         assert_eq!(config.engine.backpressure.warn_percent, 40);
         assert_eq!(SyncEngineConfig::default().memory_budget_bytes, 256 << 20);

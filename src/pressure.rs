@@ -220,10 +220,7 @@ pub fn pause_decision(level: BackpressureLevel, paused: bool) -> PressureDecisio
 
 impl Pressure {
     pub fn from_budget(budget_bytes: u64) -> Pressure {
-        Pressure {
-            budget_bytes,
-            high_bytes: budget_bytes / 100 * HIGH_WATERMARK_PERCENT,
-        }
+        Pressure { budget_bytes, high_bytes: budget_bytes / 100 * HIGH_WATERMARK_PERCENT }
     }
 
     /// librdkafka's prefetch queue per partition (`queued.max.messages.kbytes`), taken from

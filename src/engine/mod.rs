@@ -235,7 +235,8 @@ impl SyncEngine {
     async fn connect_and_spawn(&mut self) -> Result<(), EngineError> {
         self.config.backpressure.validate().map_err(EngineError::InvalidConfig)?;
         let urls = self.config.redis_urls();
-        let l2 = if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
+        let l2 =
+            if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
         let l3 = match &self.config.sql_url {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
@@ -315,7 +316,7 @@ impl SyncEngine {
             breakers,
             wal_bytes,
             l2_stale_ids: stores.l2_dirty.len() as u64,
-            backpressure: self.pressure.level(),
+            backpressure: self.pressure.refresh(),
         }
     }
 

@@ -42,10 +42,10 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::decode::RawRecord;
+use crate::engine::MemoryPressure;
 use crate::kafka::offsets::{Generation, TopicPartition};
 use crate::kafka::worker::WorkerStats;
 use crate::metrics as m;
-use crate::engine::MemoryPressure;
 use crate::pressure::{pause_decision, BackpressureLevel, PressureDecision};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
