@@ -4,41 +4,86 @@
 //! partition it came from, so a revoked partition's entries can be dropped: another pod now
 //! owns those ids and a stale L1 must never answer a read (invariant 5). L1 is a cache, never
 //! the only copy of an unsettled item: the batch queue holds its own reference.
-//! moka's size is an estimate that lags until its pending tasks run, so it is not the gauge
-//! that pauses Kafka; the worker counts bytes in flight itself.
+//! moka's own size lags until its pending tasks run, so L1 counts its bytes itself for the
+//! engine's memory pressure (`bytes`): counted before an insert, uncounted when moka reports
+//! the removal. It can run ahead of moka (an eviction for size is reported at moka's next
+//! housekeeping), never behind, so pressure is never under-reported.
+//!
+//! Under memory pressure L1 gives way by `evict_large_and_cold`, which changes *what* is
+//! evicted: entries ranked by size × time since their last read, skipping the ids the caller
+//! says are not yet durable. Each entry keeps its own last-access tick for this (a logical
+//! clock, one tick per read or write), since moka's own policy is not visible.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use moka::future::Cache;
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 
 use crate::item::{supersedes, SyncItem};
 use crate::storage::sql::HeldRow;
 
+/// An item, when it was last read or written (a tick of `L1Cache::clock`), and how often
+/// it was read since it was stored.
+struct Entry {
+    item: Arc<SyncItem>,
+    last_access: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl Entry {
+    fn size_bytes(&self) -> u64 {
+        self.item.size_bytes() as u64
+    }
+}
+
 #[derive(Clone)]
 pub struct L1Cache {
-    cache: Cache<String, Arc<SyncItem>>,
+    cache: Cache<String, Arc<Entry>>,
+    /// The bytes of the entries held (see the module doc).
+    bytes: Arc<AtomicU64>,
+    /// The logical clock of reads and writes, for coldness.
+    clock: Arc<AtomicU64>,
+    hits: Arc<AtomicU64>,
+    misses: Arc<AtomicU64>,
 }
 
 impl L1Cache {
     pub fn new(max_bytes: u64) -> L1Cache {
+        let bytes = Arc::new(AtomicU64::new(0));
+        let removed = bytes.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_id: &String, item: &Arc<SyncItem>| u32::try_from(item.size_bytes()).unwrap_or(u32::MAX))
+            .weigher(|_id: &String, entry: &Arc<Entry>| u32::try_from(entry.size_bytes()).unwrap_or(u32::MAX))
+            .eviction_listener(move |_id, entry: Arc<Entry>, _cause| {
+                removed.fetch_sub(entry.size_bytes(), Ordering::SeqCst);
+            })
             .support_invalidation_closures()
             .build();
-        L1Cache { cache }
+        L1Cache { cache, bytes, clock: Default::default(), hits: Default::default(), misses: Default::default() }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Stores the item unless L1 holds a version that it does not supersede.
     pub async fn put_if_newer(&self, item: Arc<SyncItem>) {
-        self.cache
-            .entry(item.id.clone())
+        let entry = Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()), reads: AtomicU64::new(0) });
+        let size = entry.size_bytes();
+        // Counted before it can be removed, so the count never dips below what is held.
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+        let result = self
+            .cache
+            .entry(entry.item.id.clone())
             .and_compute_with(|current| {
-                let replace = current.is_none_or(|entry| item.supersedes(entry.value()));
-                std::future::ready(if replace { Op::Put(item) } else { Op::Nop })
+                let replace = current.is_none_or(|current| entry.item.supersedes(&current.value().item));
+                std::future::ready(if replace { Op::Put(entry) } else { Op::Nop })
             })
             .await;
+        if !matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
+            self.bytes.fetch_sub(size, Ordering::SeqCst);
+        }
     }
 
     /// Drops the id's entry unless it is L3's row or newer than it: an entry L3 refused (an
@@ -48,7 +93,7 @@ impl L1Cache {
             .entry(id.to_owned())
             .and_compute_with(|current| {
                 let behind = current.is_some_and(|entry| {
-                    let cached = entry.value();
+                    let cached = &entry.value().item;
                     let newer = supersedes(cached.version, cached.origin.as_ref(), row.version, row.origin.as_ref());
                     !newer && !row.is(cached)
                 });
@@ -62,14 +107,91 @@ impl L1Cache {
         self.cache
             .entry(item.id.clone())
             .and_compute_with(|current| {
-                let same = current.is_some_and(|entry| entry.value().as_ref() == item);
+                let same = current.is_some_and(|entry| entry.value().item.as_ref() == item);
                 std::future::ready(if same { Op::Remove } else { Op::Nop })
             })
             .await;
     }
 
     pub async fn get(&self, id: &str) -> Option<Arc<SyncItem>> {
-        self.cache.get(id).await
+        match self.cache.get(id).await {
+            Some(entry) => {
+                entry.last_access.store(self.tick(), Ordering::Relaxed);
+                entry.reads.fetch_add(1, Ordering::Relaxed);
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(entry.item.clone())
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Whether L1 holds the id, without counting as a read (no hit, no access tick).
+    pub fn contains(&self, id: &str) -> bool {
+        self.cache.contains_key(id)
+    }
+
+    /// Reads that L1 answered and reads it did not, since it was built.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+
+    /// The bytes L1 holds, as counted by L1 itself (see the module doc).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Applies moka's pending inserts, evictions and expiries.
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Evicts entries until `bytes_to_free` are freed (or nothing evictable is left),
+    /// largest × coldest first: an entry's rank is its size × coldness, coldness being
+    /// √(ticks since its last read or write) / (reads + 1). A small entry read often stays,
+    /// a large one nobody reads goes first; the reads weigh more than the idle time (its
+    /// square root), so a popular entry survives a lull, and the idle time still retires an
+    /// entry that was popular once. (Size × idle ticks alone, an LRU by bytes, lost to moka's
+    /// frequency-based policy on a Zipf-like workload: tests/backpressure.rs.) Never an entry whose id `keep` names (the engine's ids not
+    /// yet settled: L1 must keep answering reads of those with the newest version), checked
+    /// again at removal, and never an entry replaced since the ranking. Returns bytes freed.
+    pub async fn evict_large_and_cold(&self, bytes_to_free: u64, keep: impl Fn(&str) -> bool) -> u64 {
+        if bytes_to_free == 0 {
+            return 0;
+        }
+        let now = self.clock.load(Ordering::Relaxed);
+        let mut ranked: Vec<(u128, Arc<String>, Arc<Entry>)> = self
+            .cache
+            .iter()
+            .filter(|(id, _)| !keep(id))
+            .map(|(id, entry)| {
+                let idle = now.saturating_sub(entry.last_access.load(Ordering::Relaxed));
+                let reads = entry.reads.load(Ordering::Relaxed) + 1;
+                let score = entry.size_bytes() as u128 * (idle.isqrt() + 1) as u128 / reads as u128;
+                (score, id, entry)
+            })
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut freed = 0u64;
+        for (_, id, ranked_entry) in ranked {
+            if freed >= bytes_to_free {
+                break;
+            }
+            let removed = self
+                .cache
+                .entry(id.as_ref().clone())
+                .and_compute_with(|current| {
+                    let same = current.is_some_and(|current| Arc::ptr_eq(current.value(), &ranked_entry));
+                    std::future::ready(if same && !keep(&id) { Op::Remove } else { Op::Nop })
+                })
+                .await;
+            if matches!(removed, CompResult::Removed(_)) {
+                freed += ranked_entry.size_bytes();
+            }
+        }
+        freed
     }
 
     /// How many entries L1 holds, approximately: moka applies inserts, evictions and
@@ -82,8 +204,8 @@ impl L1Cache {
 
     /// Drops every entry that came from one of these topic-partitions.
     pub fn drop_partitions(&self, partitions: Vec<(Arc<str>, i32)>) {
-        let predicate = move |_: &String, item: &Arc<SyncItem>| {
-            item.origin.as_ref().is_some_and(|origin| {
+        let predicate = move |_: &String, entry: &Arc<Entry>| {
+            entry.item.origin.as_ref().is_some_and(|origin| {
                 partitions.iter().any(|(topic, partition)| *topic == origin.topic && *partition == origin.partition)
             })
         };
@@ -113,6 +235,60 @@ mod tests {
         assert_eq!(cache.get("a").await.unwrap().version, 5);
         cache.put_if_newer(item("a", 6, 0)).await;
         assert_eq!(cache.get("a").await.unwrap().version, 6);
+    }
+
+    fn sized(id: &str, bytes: usize) -> Arc<SyncItem> {
+        Arc::new(SyncItem::new(id, vec![b'x'; bytes]).with_version(1))
+    }
+
+    #[tokio::test]
+    async fn pressure_eviction_takes_large_cold_entries_first_and_never_a_kept_id() {
+        let cache = L1Cache::new(1 << 30);
+        for id in ["small-hot", "small-cold"] {
+            cache.put_if_newer(sized(id, 100)).await;
+        }
+        for id in ["large-cold", "large-pending", "large-hot"] {
+            cache.put_if_newer(sized(id, 10_000)).await;
+        }
+        for _ in 0..50 {
+            cache.get("small-hot").await;
+            cache.get("large-hot").await;
+        }
+        cache.run_pending_tasks().await;
+        let keep = |id: &str| id == "large-pending";
+        // 10,000 bytes to free: the large cold entry alone ranks highest and covers it.
+        let freed = cache.evict_large_and_cold(10_000, keep).await;
+        assert_eq!(freed, 10_000 + "large-cold".len() as u64 + 64, "one large entry: {freed}");
+        assert!(!cache.contains("large-cold"));
+        for id in ["small-hot", "small-cold", "large-pending", "large-hot"] {
+            assert!(cache.contains(id), "{id} must stay");
+        }
+        // Everything evictable: the pending id is still never evicted.
+        cache.evict_large_and_cold(u64::MAX, keep).await;
+        cache.run_pending_tasks().await;
+        assert!(cache.contains("large-pending"));
+        assert_eq!(cache.entry_count().await, 1);
+        assert_eq!(cache.bytes(), 10_000 + "large-pending".len() as u64 + 64);
+    }
+
+    #[tokio::test]
+    async fn l1_counts_its_bytes_through_inserts_replacements_removals_and_evictions() {
+        let cache = L1Cache::new(50_000);
+        cache.put_if_newer(sized("a", 1000)).await;
+        assert_eq!(cache.bytes(), 1065, "counted at once, before moka's housekeeping");
+        cache.put_if_newer(Arc::new(SyncItem::new("a", vec![b'y'; 2000]).with_version(2))).await;
+        cache.put_if_newer(sized("a", 5000)).await; // older: refused, not counted
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.bytes(), 2065);
+        cache.remove_exact(&SyncItem::new("a", vec![b'y'; 2000]).with_version(2)).await;
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.bytes(), 0);
+        for n in 0..100 {
+            cache.put_if_newer(sized(&format!("b{n}"), 1000)).await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(cache.bytes() <= 50_000, "moka's evictions for size are uncounted: {}", cache.bytes());
+        assert_eq!(cache.bytes(), cache.cache.weighted_size());
     }
 
     #[tokio::test]

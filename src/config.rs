@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::batch::BatchConfig;
+use crate::pressure::BackpressureThresholds;
 
 /// A value that redacts itself in `Debug` and `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -119,6 +120,13 @@ pub struct SyncEngineConfig {
     pub max_item_bytes: Option<u64>,
     /// How long `shutdown()` waits for accepted items to settle before abandoning them.
     pub shutdown_grace: Duration,
+    /// The bytes the engine may hold (unsettled items + L1 + a worker's Kafka records in
+    /// flight) before it pushes back; the worker's `SYNC_MEMORY_BUDGET_BYTES`. Default 256 MiB.
+    pub memory_budget_bytes: u64,
+    /// Where each `BackpressureLevel` starts, in percent of `memory_budget_bytes`
+    /// (default: warn 50, throttle 70, critical 85, emergency 95, shutdown 100, left 10
+    /// points below).
+    pub backpressure: BackpressureThresholds,
 }
 
 #[derive(Clone, Debug)]
@@ -288,6 +296,18 @@ impl Config {
             r.problem("SYNC_MEMORY_BUDGET_BYTES", "must hold at least four items of SYNC_MAX_ITEM_BYTES");
         }
         let shutdown_grace = Duration::from_millis(r.number("SYNC_SHUTDOWN_GRACE_MS", 30_000, 100, 3_600_000));
+        let defaults = BackpressureThresholds::default();
+        let backpressure = BackpressureThresholds {
+            warn_percent: r.number("SYNC_BACKPRESSURE_WARN_PERCENT", defaults.warn_percent, 1, 100),
+            throttle_percent: r.number("SYNC_BACKPRESSURE_THROTTLE_PERCENT", defaults.throttle_percent, 1, 100),
+            critical_percent: r.number("SYNC_BACKPRESSURE_CRITICAL_PERCENT", defaults.critical_percent, 1, 100),
+            emergency_percent: r.number("SYNC_BACKPRESSURE_EMERGENCY_PERCENT", defaults.emergency_percent, 1, 100),
+            shutdown_percent: r.number("SYNC_BACKPRESSURE_SHUTDOWN_PERCENT", defaults.shutdown_percent, 1, 100),
+            hysteresis_percent: r.number("SYNC_BACKPRESSURE_HYSTERESIS_PERCENT", defaults.hysteresis_percent, 1, 99),
+        };
+        if let Err(why) = backpressure.validate() {
+            r.problem("SYNC_BACKPRESSURE_*_PERCENT", why);
+        }
         let engine = SyncEngineConfig {
             redis_url: (!redis_urls.is_empty()).then(|| Secret(redis_urls.join(","))),
             redis_prefix,
@@ -303,6 +323,9 @@ impl Config {
             sql_write_timeout: Duration::from_millis(r.number("SYNC_SQL_WRITE_TIMEOUT_MS", 5_000, 100, 600_000)),
             max_item_bytes: Some(kafka.max_item_bytes as u64),
             shutdown_grace,
+            // One budget: the worker's records, the engine's queue and L1 share it.
+            memory_budget_bytes: kafka.memory_budget_bytes,
+            backpressure,
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -330,6 +353,8 @@ impl Default for SyncEngineConfig {
             sql_write_timeout: Duration::from_secs(5),
             max_item_bytes: None,
             shutdown_grace: Duration::from_secs(30),
+            memory_budget_bytes: 256 << 20,
+            backpressure: BackpressureThresholds::default(),
         }
     }
 }
@@ -402,6 +427,20 @@ mod tests {
             assert!(message.contains(name), "{name} missing from {message}");
         }
         assert!(!message.contains("hunter"), "{message}");
+    }
+
+    #[test]
+    fn the_engine_shares_the_worker_budget_and_thresholds_are_validated() {
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        let config =
+            with(&[("SYNC_MEMORY_BUDGET_BYTES", "33554432"), ("SYNC_BACKPRESSURE_WARN_PERCENT", "40")]).unwrap();
+        assert_eq!(config.engine.memory_budget_bytes, 32 << 20);
+        assert_eq!(config.engine.backpressure.warn_percent, 40);
+        assert_eq!(SyncEngineConfig::default().memory_budget_bytes, 256 << 20);
+        let bad = with(&[("SYNC_BACKPRESSURE_THROTTLE_PERCENT", "90")]).unwrap_err().to_string();
+        assert!(bad.contains("SYNC_BACKPRESSURE"), "{bad}");
+        assert!(with(&[("SYNC_BACKPRESSURE_SHUTDOWN_PERCENT", "101")]).is_err());
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct ReadyState {
     pub wal_bytes: u64,
     /// Ids whose L2 write failed, waiting for repair from L3.
     pub l2_stale_ids: u64,
+    /// The engine's memory pressure level.
+    pub backpressure: crate::pressure::BackpressureLevel,
 }
 
 impl ReadyState {
@@ -77,6 +79,7 @@ impl ReadyState {
             body.push_str(&format!("circuit {backend} {}\n", position.as_str()));
         }
         body.push_str(&format!("wal_bytes {}\nl2_stale_ids {}\n", self.wal_bytes, self.l2_stale_ids));
+        body.push_str(&format!("backpressure {}\n", self.backpressure));
         body
     }
 }

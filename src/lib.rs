@@ -10,10 +10,10 @@
 //! | `options` | `SubmitOptions` (tiers, `CacheTtl`) |
 //! | `decode` | one Kafka record → item + options, or a dead-letter reason (pure) |
 //! | `batch` | the hybrid batcher: count, bytes, age (pure, time passed in) |
-//! | `pressure` | memory budget and pause/resume decisions (pure) |
+//! | `pressure` | memory budget, `BackpressureLevel` thresholds with hysteresis, pause/resume decisions (pure) |
 //! | `cache` | L1 over moka, bounded by bytes, version-guarded |
 //! | `storage` | L2 (`redis`) and L3 (`sql`: MySQL and SQLite), version-guarded writes |
-//! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain and L2 repair tasks |
+//! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain, L2 repair and L1 relief tasks; memory pressure (`MemoryPressure`) |
 //! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
 //! | `metrics` | every metric name and its description |
@@ -37,8 +37,8 @@
 //! # The life of one message
 //!
 //! 1. `kafka::consumer` polls librdkafka on its own thread and sends each record, converted
-//!    to our `RawRecord`, to the worker; it pauses partitions when bytes in flight pass the
-//!    high watermark and keeps polling.
+//!    to our `RawRecord`, to the worker; it pauses partitions from the engine's Throttle
+//!    backpressure level (`pressure`) and keeps polling.
 //! 2. `kafka::worker` tracks the offset, decodes the record (`decode`), and either enqueues
 //!    the item in the engine or sends the record to the dead-letter topic (`kafka::dlq`).
 //! 3. `engine` writes the item to L1, batches it, writes the batch to L2 and L3, and
@@ -70,6 +70,7 @@ pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceip
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
 pub use metrics::LatencyTimer;
+pub use pressure::{BackpressureLevel, BackpressureThresholds};
 pub use resilience::circuit_breaker::{BackendCircuits, CircuitBreaker, CircuitConfig, CircuitError};
 pub use resilience::retry::RetryConfig;
 pub use resilience::wal::{WalStats, WriteAheadLog};

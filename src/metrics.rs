@@ -20,6 +20,7 @@ pub const CONSUMER_LAG_SECONDS: &str = "sync_consumer_lag_seconds";
 pub const PAUSED_PARTITIONS: &str = "sync_paused_partitions";
 pub const BYTES_IN_FLIGHT: &str = "sync_bytes_in_flight_bytes";
 pub const MEMORY_BUDGET: &str = "sync_memory_budget_bytes";
+pub const BACKPRESSURE_LEVEL: &str = "sync_backpressure_level";
 pub const STORE_ERRORS: &str = "sync_store_errors_total";
 pub const OFFSETS_COMMITTED: &str = "sync_offsets_committed_total";
 pub const COMMIT_ERRORS: &str = "sync_commit_errors_total";
@@ -87,6 +88,10 @@ fn describe() {
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
     describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "The configured memory budget for unsettled records");
+    describe_gauge!(
+        BACKPRESSURE_LEVEL,
+        "Memory pressure level: 0 normal, 1 warn, 2 throttle, 3 critical, 4 emergency, 5 shutdown"
+    );
     describe_counter!(STORE_ERRORS, "Failed writes or reads, by tier and kind (unavailable, rejected)");
     describe_counter!(OFFSETS_COMMITTED, "Offset commits sent to Kafka");
     describe_counter!(COMMIT_ERRORS, "Offset commits Kafka refused");

@@ -1,19 +1,202 @@
-//! Memory pressure: when to pause and resume Kafka partitions (invariant 3).
+//! Memory pressure (invariant 3): the backpressure levels and their thresholds, and the
+//! budget split for librdkafka's prefetch.
 //!
-//! Pure. The worker counts the bytes held for unsettled records; above the high watermark it
-//! pauses every assigned partition (and keeps polling), below the low watermark it resumes.
-//! The gap between the two is the hysteresis that stops pause/resume flapping, which matters
-//! because a pause throws away librdkafka's prefetched data.
+//! Pure. The engine counts the bytes it holds (unsettled items, L1, the worker's Kafka
+//! records in flight) and `LevelBounds::next` turns them into a `BackpressureLevel`, with
+//! hysteresis so that a level does not flap; the engine and the worker act on the level
+//! (`engine/backpressure.rs`, `kafka/consumer.rs`). The worker pauses its partitions from
+//! Throttle up and resumes at Warn or below; the gap matters because a pause throws away
+//! librdkafka's prefetched data. `Pressure` sizes the prefetch from the budget.
 
-/// Fractions of the budget, in percent.
+use std::time::Duration;
+
+/// How hard the engine pushes back, from the bytes it holds against its memory budget
+/// (`SyncEngineConfig::memory_budget_bytes`). Each level does everything the levels below it
+/// do, and more:
+///
+/// - `Normal`: nothing.
+/// - `Warn`: L1 gives way: durable entries are evicted, large cold ones first, until the
+///   bytes are back below the level's exit threshold (never an entry not yet settled).
+/// - `Throttle`: library submits are slowed (a sleep that grows with the pressure); the
+///   Kafka worker pauses its partitions.
+/// - `Critical`: library writes are refused with `EngineError::Backpressure` (the worker
+///   never refuses a record: its partitions stay paused).
+/// - `Emergency`: every durable L1 entry is dropped at once.
+/// - `Shutdown`: reads that would fill L1 are refused too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackpressureLevel {
+    #[default]
+    Normal = 0,
+    Warn = 1,
+    Throttle = 2,
+    Critical = 3,
+    Emergency = 4,
+    Shutdown = 5,
+}
+
+impl BackpressureLevel {
+    pub const ALL: [BackpressureLevel; 6] = [
+        BackpressureLevel::Normal,
+        BackpressureLevel::Warn,
+        BackpressureLevel::Throttle,
+        BackpressureLevel::Critical,
+        BackpressureLevel::Emergency,
+        BackpressureLevel::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackpressureLevel::Normal => "normal",
+            BackpressureLevel::Warn => "warn",
+            BackpressureLevel::Throttle => "throttle",
+            BackpressureLevel::Critical => "critical",
+            BackpressureLevel::Emergency => "emergency",
+            BackpressureLevel::Shutdown => "shutdown",
+        }
+    }
+
+    /// The value of the `sync_backpressure_level` gauge, 0..=5.
+    pub fn value(self) -> u8 {
+        self as u8
+    }
+
+    fn below(self) -> BackpressureLevel {
+        BackpressureLevel::ALL[(self as usize).saturating_sub(1)]
+    }
+}
+
+impl std::fmt::Display for BackpressureLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where each level starts, in percent of the memory budget, and the hysteresis: a level is
+/// entered at its threshold and left only once the bytes fall below its threshold minus
+/// `hysteresis_percent`, so a load hovering at a threshold does not flap between levels
+/// (each flap of the worker's level would pause or resume its partitions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackpressureThresholds {
+    pub warn_percent: u8,
+    pub throttle_percent: u8,
+    pub critical_percent: u8,
+    pub emergency_percent: u8,
+    pub shutdown_percent: u8,
+    pub hysteresis_percent: u8,
+}
+
+impl Default for BackpressureThresholds {
+    fn default() -> BackpressureThresholds {
+        BackpressureThresholds {
+            warn_percent: 50,
+            throttle_percent: 70,
+            critical_percent: 85,
+            emergency_percent: 95,
+            shutdown_percent: 100,
+            hysteresis_percent: 10,
+        }
+    }
+}
+
+impl BackpressureThresholds {
+    fn enter_percents(&self) -> [u8; 5] {
+        [self.warn_percent, self.throttle_percent, self.critical_percent, self.emergency_percent, self.shutdown_percent]
+    }
+
+    /// Thresholds within 1..=100 and strictly increasing; the hysteresis at least 1 and
+    /// below the warn threshold (Warn must be left before the bytes reach zero).
+    pub fn validate(&self) -> Result<(), String> {
+        let enter = self.enter_percents();
+        if enter.iter().any(|percent| !(1..=100).contains(percent)) {
+            return Err(format!("backpressure thresholds must be within 1..=100 percent, got {enter:?}"));
+        }
+        if enter.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(format!("backpressure thresholds must increase from warn to shutdown, got {enter:?}"));
+        }
+        if self.hysteresis_percent == 0 || self.hysteresis_percent >= self.warn_percent {
+            return Err(format!(
+                "backpressure hysteresis must be within 1..{} percent (below warn), got {}",
+                self.warn_percent, self.hysteresis_percent
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The slowest a throttled library submit gets (just below Critical) and the least delay
+/// (just at Throttle): enough to let the flush catch up, short enough to stay a slowdown.
+pub const THROTTLE_MIN_DELAY: Duration = Duration::from_millis(2);
+pub const THROTTLE_MAX_DELAY: Duration = Duration::from_millis(50);
+
+/// The thresholds in bytes of one budget. Pure: the engine feeds it the bytes it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LevelBounds {
+    pub budget_bytes: u64,
+    /// Entry threshold of each level, indexed by `BackpressureLevel as usize` (Normal: 0).
+    enter: [u64; 6],
+    hysteresis_bytes: u64,
+}
+
+impl LevelBounds {
+    pub fn new(budget_bytes: u64, thresholds: &BackpressureThresholds) -> LevelBounds {
+        let of_budget = |percent: u8| (budget_bytes as u128 * percent as u128 / 100) as u64;
+        let mut enter = [0; 6];
+        for (slot, percent) in enter[1..].iter_mut().zip(thresholds.enter_percents()) {
+            *slot = of_budget(percent);
+        }
+        LevelBounds { budget_bytes, enter, hysteresis_bytes: of_budget(thresholds.hysteresis_percent) }
+    }
+
+    pub fn enter_bytes(&self, level: BackpressureLevel) -> u64 {
+        self.enter[level as usize]
+    }
+
+    /// Below this the level is left (Normal is never left).
+    pub fn leave_bytes(&self, level: BackpressureLevel) -> u64 {
+        match level {
+            BackpressureLevel::Normal => 0,
+            _ => self.enter_bytes(level).saturating_sub(self.hysteresis_bytes),
+        }
+    }
+
+    /// The level after `current`, holding `bytes`: up at once to the highest threshold
+    /// reached; down one level at a time, only while below the exit threshold of the level
+    /// being left.
+    pub fn next(&self, current: BackpressureLevel, bytes: u64) -> BackpressureLevel {
+        let reached = BackpressureLevel::ALL
+            .into_iter()
+            .rev()
+            .find(|level| bytes >= self.enter_bytes(*level))
+            .unwrap_or(BackpressureLevel::Normal);
+        let mut level = current;
+        while level > reached && bytes < self.leave_bytes(level) {
+            level = level.below();
+        }
+        level.max(reached)
+    }
+
+    /// How long a throttled submit sleeps: from `THROTTLE_MIN_DELAY` at the Throttle
+    /// threshold to `THROTTLE_MAX_DELAY` at the Critical one, in proportion to the bytes.
+    pub fn throttle_delay(&self, bytes: u64) -> Duration {
+        let (from, to) = (self.enter_bytes(BackpressureLevel::Throttle), self.enter_bytes(BackpressureLevel::Critical));
+        let fraction = bytes.saturating_sub(from) as f64 / to.saturating_sub(from).max(1) as f64;
+        THROTTLE_MIN_DELAY + (THROTTLE_MAX_DELAY - THROTTLE_MIN_DELAY).mul_f64(fraction.clamp(0.0, 1.0))
+    }
+
+    /// What L1 relief aims for: the bytes at which Warn is left.
+    pub fn relief_target_bytes(&self) -> u64 {
+        self.leave_bytes(BackpressureLevel::Warn)
+    }
+}
+
+/// Fractions of the budget, in percent: the prefetch is sized from the headroom above
+/// `HIGH_WATERMARK_PERCENT`.
 pub const HIGH_WATERMARK_PERCENT: u64 = 75;
-pub const LOW_WATERMARK_PERCENT: u64 = 40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pressure {
     pub budget_bytes: u64,
     pub high_bytes: u64,
-    pub low_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,23 +206,21 @@ pub enum PressureDecision {
     Stay,
 }
 
+/// What the worker does with its partitions at `level`: pause from Throttle up, resume at
+/// Warn or below. The level's own hysteresis keeps this from flapping.
+pub fn pause_decision(level: BackpressureLevel, paused: bool) -> PressureDecision {
+    if !paused && level >= BackpressureLevel::Throttle {
+        PressureDecision::Pause
+    } else if paused && level <= BackpressureLevel::Warn {
+        PressureDecision::Resume
+    } else {
+        PressureDecision::Stay
+    }
+}
+
 impl Pressure {
     pub fn from_budget(budget_bytes: u64) -> Pressure {
-        Pressure {
-            budget_bytes,
-            high_bytes: budget_bytes / 100 * HIGH_WATERMARK_PERCENT,
-            low_bytes: budget_bytes / 100 * LOW_WATERMARK_PERCENT,
-        }
-    }
-
-    pub fn decide(&self, bytes_in_flight: u64, paused: bool) -> PressureDecision {
-        if !paused && bytes_in_flight >= self.high_bytes {
-            PressureDecision::Pause
-        } else if paused && bytes_in_flight <= self.low_bytes {
-            PressureDecision::Resume
-        } else {
-            PressureDecision::Stay
-        }
+        Pressure { budget_bytes, high_bytes: budget_bytes / 100 * HIGH_WATERMARK_PERCENT }
     }
 
     /// librdkafka's prefetch queue per partition (`queued.max.messages.kbytes`), taken from
@@ -55,29 +236,102 @@ impl Pressure {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use BackpressureLevel::*;
+
+    fn bounds() -> LevelBounds {
+        LevelBounds::new(1000, &BackpressureThresholds::default())
+    }
 
     #[test]
-    fn pauses_above_high_and_resumes_below_low() {
-        let pressure = Pressure::from_budget(1000);
-        assert_eq!(pressure.decide(749, false), PressureDecision::Stay);
-        assert_eq!(pressure.decide(750, false), PressureDecision::Pause);
-        assert_eq!(pressure.decide(500, true), PressureDecision::Stay);
-        assert_eq!(pressure.decide(400, true), PressureDecision::Resume);
+    fn levels_are_entered_at_their_thresholds_and_left_below_them_minus_the_hysteresis() {
+        let bounds = bounds();
+        assert_eq!(bounds.next(Normal, 499), Normal);
+        assert_eq!(bounds.next(Normal, 500), Warn);
+        assert_eq!(bounds.next(Normal, 850), Critical, "up at once to the highest threshold reached");
+        assert_eq!(bounds.next(Normal, 1000), Shutdown);
+        assert_eq!(bounds.next(Critical, 760), Critical, "inside the band: stays");
+        assert_eq!(bounds.next(Critical, 749), Throttle);
+        assert_eq!(bounds.next(Critical, 100), Normal, "down through every level left behind");
+        assert_eq!(bounds.next(Warn, 401), Warn);
+        assert_eq!(bounds.next(Warn, 399), Normal);
+    }
+
+    #[test]
+    fn the_worker_pauses_from_throttle_up_and_resumes_at_warn_or_below() {
+        assert_eq!(pause_decision(Warn, false), PressureDecision::Stay);
+        assert_eq!(pause_decision(Throttle, false), PressureDecision::Pause);
+        assert_eq!(pause_decision(Throttle, true), PressureDecision::Stay);
+        assert_eq!(pause_decision(Warn, true), PressureDecision::Resume);
+        assert_eq!(pause_decision(Shutdown, true), PressureDecision::Stay);
+    }
+
+    #[test]
+    fn the_throttle_delay_grows_with_the_pressure() {
+        let bounds = bounds();
+        assert_eq!(bounds.throttle_delay(700), THROTTLE_MIN_DELAY);
+        assert!(bounds.throttle_delay(780) > bounds.throttle_delay(720));
+        assert_eq!(bounds.throttle_delay(850), THROTTLE_MAX_DELAY);
+        assert_eq!(bounds.throttle_delay(5000), THROTTLE_MAX_DELAY);
+    }
+
+    #[test]
+    fn thresholds_must_increase_within_one_to_a_hundred() {
+        assert_eq!(BackpressureThresholds::default().validate(), Ok(()));
+        let valid = BackpressureThresholds::default();
+        assert!(BackpressureThresholds { throttle_percent: 50, ..valid }.validate().is_err());
+        assert!(BackpressureThresholds { shutdown_percent: 101, ..valid }.validate().is_err());
+        assert!(BackpressureThresholds { warn_percent: 0, ..valid }.validate().is_err());
+        assert!(BackpressureThresholds { hysteresis_percent: 0, ..valid }.validate().is_err());
+        assert!(BackpressureThresholds { hysteresis_percent: 50, ..valid }.validate().is_err());
+    }
+
+    #[test]
+    fn the_prefetch_comes_from_the_headroom_above_the_high_watermark() {
+        let pressure = Pressure::from_budget(64 << 20);
+        assert_eq!(pressure.prefetch_kbytes_per_partition(16), (16 << 20) / 16 / 1024);
+        assert_eq!(Pressure::from_budget(1 << 20).prefetch_kbytes_per_partition(16), 64);
     }
 
     proptest! {
-        // Simulate any sequence of levels: the state never flaps inside the hysteresis band.
+        // Any sequence of byte counts: a level is only entered at its threshold, only left
+        // below its exit threshold, and never flaps inside the band between the two.
         #[test]
-        fn decisions_follow_hysteresis(levels in proptest::collection::vec(0u64..1200, 1..200)) {
-            let pressure = Pressure::from_budget(1000);
-            let mut paused = false;
-            for level in levels {
-                match pressure.decide(level, paused) {
-                    PressureDecision::Pause => { prop_assert!(level >= 750); paused = true; }
-                    PressureDecision::Resume => { prop_assert!(level <= 400); paused = false; }
-                    PressureDecision::Stay => prop_assert!(
-                        (paused && level > 400) || (!paused && level < 750)
-                    ),
+        fn levels_follow_hysteresis(samples in proptest::collection::vec(0u64..1200, 1..200)) {
+            let bounds = bounds();
+            let mut level = Normal;
+            for bytes in samples {
+                let next = bounds.next(level, bytes);
+                if next > level {
+                    prop_assert!(bytes >= bounds.enter_bytes(next));
+                    prop_assert!(next == Shutdown || bytes < bounds.enter_bytes(BackpressureLevel::ALL[next as usize + 1]));
+                }
+                if next < level {
+                    // Every level left behind was below its exit threshold.
+                    for left in BackpressureLevel::ALL.into_iter().filter(|l| *l > next && *l <= level) {
+                        prop_assert!(bytes < bounds.leave_bytes(left), "{left:?} left at {bytes}");
+                    }
+                }
+                if next == level && level != Normal {
+                    prop_assert!(bytes >= bounds.leave_bytes(level));
+                }
+                // Whatever the history, the level is one the bytes justify.
+                prop_assert!(next == Normal || bytes >= bounds.leave_bytes(next));
+                level = next;
+            }
+        }
+
+        // The worker's pause state, driven by the levels, changes only at Throttle+ (pause)
+        // and Warn- (resume): it cannot flap while the bytes stay inside Throttle's band.
+        #[test]
+        fn pauses_follow_the_levels(samples in proptest::collection::vec(0u64..1200, 1..200)) {
+            let bounds = bounds();
+            let (mut level, mut paused) = (Normal, false);
+            for bytes in samples {
+                level = bounds.next(level, bytes);
+                match pause_decision(level, paused) {
+                    PressureDecision::Pause => { prop_assert!(bytes >= 700); paused = true; }
+                    PressureDecision::Resume => { prop_assert!(bytes < 600); paused = false; }
+                    PressureDecision::Stay => prop_assert!(paused == (level >= Throttle)),
                 }
             }
         }

@@ -110,6 +110,7 @@ fn ready_state(backends: &BackendState) -> http::ReadyState {
         breakers: backends.breakers.iter().map(|(backend, state)| (backend.to_string(), (*state).into())).collect(),
         wal_bytes: backends.wal_bytes,
         l2_stale_ids: backends.l2_stale_ids,
+        backpressure: backends.backpressure,
     }
 }
 

@@ -13,7 +13,13 @@
 //!
 //! Reads go L1 → L2 → L3 and fill the faster tiers on a hit. Shutdown closes the queue,
 //! flushes what was accepted, and waits for the flush to finish: nothing accepted is lost.
+//!
+//! Memory pressure (`backpressure.rs`) puts the engine at a `BackpressureLevel`: from
+//! Throttle library submits are slowed, from Critical refused, at Shutdown reads are refused
+//! too; L1 gives way from Warn. The Kafka worker's writes are never refused
+//! (`enqueue_admitted`): it pauses its partitions instead.
 
+mod backpressure;
 mod batching;
 mod flushing;
 mod l2_repair;
@@ -24,6 +30,7 @@ mod reads;
 mod state;
 mod wal_drain;
 
+pub use backpressure::MemoryPressure;
 pub use reads::ItemStatus;
 pub use state::EngineState;
 
@@ -40,6 +47,7 @@ use crate::cache::L1Cache;
 use crate::config::SyncEngineConfig;
 use crate::item::{now_ms, SyncItem};
 use crate::options::SubmitOptions;
+use crate::pressure::BackpressureLevel;
 use crate::resilience::circuit_breaker::BackendCircuits;
 use crate::storage::redis::RedisStore;
 use crate::storage::sql::SqlStore;
@@ -101,6 +109,12 @@ pub enum EngineError {
     /// A verified read found content that does not match the hash stored with it.
     #[error("stored content of {id:?} in {} does not match its stored hash", .tier.as_str())]
     Corrupt { id: String, tier: Tier },
+    /// Refused for memory pressure: a write from Critical up, a read at Shutdown. Retry
+    /// once the level has come down (`SyncEngine::backpressure_receiver`).
+    #[error("refused under memory pressure (backpressure level {0})")]
+    Backpressure(BackpressureLevel),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 }
 
 /// Resolves when the item is settled.
@@ -146,6 +160,8 @@ pub struct BackendState {
     pub wal_bytes: u64,
     /// Ids whose L2 write failed, waiting for repair from L3.
     pub l2_stale_ids: u64,
+    /// The memory pressure level.
+    pub backpressure: BackpressureLevel,
 }
 
 /// The tiers, the L3 write-ahead log, L2 repair and the circuit breakers.
@@ -174,8 +190,9 @@ pub struct SyncEngine {
     config: SyncEngineConfig,
     config_rx: watch::Receiver<SyncEngineConfig>,
     l1: L1Cache,
-    /// Ids enqueued and not yet settled (`status`).
+    /// Ids enqueued and not yet settled (`status`), and their bytes.
     pending: pending::PendingIds,
+    pressure: MemoryPressure,
     stores: Option<Arc<Stores>>,
     queue_tx: Option<mpsc::Sender<Queued>>,
     /// Graceful stop: close the queue, flush, finish.
@@ -191,9 +208,14 @@ impl SyncEngine {
     /// `config_rx` carries live updates (keep its sender): batch limits are re-read for every
     /// batch, the default L2 TTL applies to writes from then on (`reconfigure.rs`).
     pub fn new(config: SyncEngineConfig, config_rx: watch::Receiver<SyncEngineConfig>) -> SyncEngine {
+        let l1 = L1Cache::new(config.l1_max_bytes);
+        let pending = pending::PendingIds::default();
+        let pressure =
+            MemoryPressure::new(config.memory_budget_bytes, config.backpressure, l1.clone(), pending.clone());
         SyncEngine {
-            l1: L1Cache::new(config.l1_max_bytes),
-            pending: Default::default(),
+            l1,
+            pending,
+            pressure,
             config,
             config_rx,
             stores: None,
@@ -226,8 +248,10 @@ impl SyncEngine {
     }
 
     async fn connect_and_spawn(&mut self) -> Result<(), EngineError> {
+        self.config.backpressure.validate().map_err(EngineError::InvalidConfig)?;
         let urls = self.config.redis_urls();
-        let l2 = if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
+        let l2 =
+            if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
         let l3 = match &self.config.sql_url {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
@@ -271,6 +295,7 @@ impl SyncEngine {
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(reconfigure::run(stores.clone(), self.config_rx.clone(), self.stopping.clone()));
+        self.tasks.spawn(backpressure::run_relief(self.pressure.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
         self.queue_tx = Some(queue_tx);
@@ -301,7 +326,56 @@ impl SyncEngine {
             breakers.push(("l2", stores.circuits.l2.state()));
         }
         let wal_bytes = self.wal_stats().map_or(0, |stats| stats.bytes);
-        BackendState { breakers, wal_bytes, l2_stale_ids: stores.l2_dirty.len() as u64 }
+        BackendState {
+            breakers,
+            wal_bytes,
+            l2_stale_ids: stores.l2_dirty.len() as u64,
+            backpressure: self.pressure.refresh(),
+        }
+    }
+
+    /// The memory pressure level now (recomputed from the bytes held).
+    pub fn backpressure_level(&self) -> BackpressureLevel {
+        self.pressure.refresh()
+    }
+
+    /// Every backpressure level change from now on, for a caller that waits for the level
+    /// to come down before it writes again.
+    pub fn backpressure_receiver(&self) -> watch::Receiver<BackpressureLevel> {
+        self.pressure.subscribe()
+    }
+
+    /// The bytes the engine holds, as its pressure counts them: unsettled items + L1 + a
+    /// Kafka worker's records in flight.
+    pub fn memory_bytes(&self) -> u64 {
+        self.pressure.bytes()
+    }
+
+    /// The pressure handle, shared with the Kafka consumer thread.
+    pub fn memory_pressure(&self) -> MemoryPressure {
+        self.pressure.clone()
+    }
+
+    /// From Critical up a library write is refused; at Throttle it waits a little, longer
+    /// the closer the bytes are to Critical, so the flush can catch up.
+    async fn admit_write(&self) -> Result<(), EngineError> {
+        let bytes = self.pressure.bytes();
+        let (level, bounds) = self.pressure.refresh_with(bytes);
+        if level >= BackpressureLevel::Critical {
+            return Err(EngineError::Backpressure(level));
+        }
+        if level == BackpressureLevel::Throttle {
+            tokio::time::sleep(bounds.throttle_delay(bytes)).await;
+        }
+        Ok(())
+    }
+
+    /// At Shutdown a read is refused: it would fill L1 with more bytes.
+    fn admit_read(&self) -> Result<(), EngineError> {
+        match self.pressure.refresh() {
+            BackpressureLevel::Shutdown => Err(EngineError::Backpressure(BackpressureLevel::Shutdown)),
+            _ => Ok(()),
+        }
     }
 
     /// What the write-ahead log holds (`None` without a WAL, or before `start`).
@@ -316,8 +390,29 @@ impl SyncEngine {
         self.late_rejections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 
-    /// Writes to L1 and queues the item; the receipt resolves once it is settled.
+    /// Writes to L1 and queues the item; the receipt resolves once it is settled. Under
+    /// memory pressure it is slowed (Throttle) or refused (`EngineError::Backpressure`, from
+    /// Critical up).
     pub async fn enqueue(&self, item: SyncItem, options: SubmitOptions) -> Result<SettleReceipt, EngineError> {
+        if self.queue_tx.is_none() {
+            return Err(EngineError::NotStarted);
+        }
+        if self.stopping.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        crate::decode::validate_id(item.id.as_bytes())
+            .map_err(|reason| EngineError::InvalidItem(reason.to_string()))?;
+        self.admit_write().await?;
+        self.enqueue_admitted(item, options).await
+    }
+
+    /// `enqueue` without the backpressure checks: the Kafka worker never refuses a record
+    /// (it pauses its partitions instead), and its records already count in the pressure.
+    pub(crate) async fn enqueue_admitted(
+        &self,
+        item: SyncItem,
+        options: SubmitOptions,
+    ) -> Result<SettleReceipt, EngineError> {
         let queue_tx = self.queue_tx.as_ref().ok_or(EngineError::NotStarted)?;
         if self.stopping.is_cancelled() {
             return Err(EngineError::ShuttingDown);
@@ -329,17 +424,22 @@ impl SyncEngine {
             crate::item::validate_state(state).map_err(EngineError::InvalidItem)?;
         }
         let item = Arc::new(item);
-        if options.tiers.l1 {
-            self.l1.put_if_newer(item.clone()).await;
-        }
         let (ack, receipt) = oneshot::channel();
         let below_l1 = (options.tiers.l2 && stores.l2.is_some()) || (options.tiers.l3 && stores.l3.is_some());
         if !below_l1 {
+            if options.tiers.l1 {
+                self.l1.put_if_newer(item.clone()).await;
+            }
             metrics::counter!(crate::metrics::ITEMS_SETTLED, "tier" => "l1").increment(1);
             let _ = ack.send(Ok(Tier::L1));
             return Ok(SettleReceipt(receipt));
         }
-        let ack = self.pending.track(&item.id, ack);
+        // Pending before it is in L1: L1 relief never evicts a pending id, so a read keeps
+        // finding this version in L1 until it is durable below.
+        let ack = self.pending.track(&item.id, item.size_bytes() as u64, ack);
+        if options.tiers.l1 {
+            self.l1.put_if_newer(item.clone()).await;
+        }
         queue_tx
             .send(Queued::Item(Pending { item, enqueued_at: std::time::Instant::now(), options, ack }))
             .await
@@ -369,6 +469,7 @@ impl SyncEngine {
 
     /// Like `get`, but a tombstone is returned too.
     async fn get_any(&self, id: &str) -> Result<Option<Arc<SyncItem>>, EngineError> {
+        self.admit_read()?;
         if let Some(item) = self.l1.get(id).await {
             return Ok(Some(item));
         }

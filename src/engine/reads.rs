@@ -43,6 +43,7 @@ impl SyncEngine {
 
     /// Like `get_many`, tombstones included (what `delete_many` versions its tombstones after).
     async fn get_many_any(&self, ids: &[&str]) -> Result<HashMap<String, Arc<SyncItem>>, EngineError> {
+        self.admit_read()?;
         let mut unique = ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
@@ -92,6 +93,7 @@ impl SyncEngine {
     /// Whether a live item exists, reading no content: L1, then L2's version and tombstone
     /// fields, then L3's tombstone flag. Fills nothing.
     pub async fn contains(&self, id: &str) -> Result<bool, EngineError> {
+        self.admit_read()?;
         if let Some(item) = self.l1.get(id).await {
             return Ok(!item.is_tombstone());
         }
@@ -170,6 +172,7 @@ impl SyncEngine {
     /// instead, or returned unchecked when there is no L3. An engine with neither L2 nor L3
     /// answers from L1, unchecked: nothing is stored to check against.
     pub async fn get_verified(&self, id: &str) -> Result<Option<Arc<SyncItem>>, EngineError> {
+        self.admit_read()?;
         let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
         if stores.l2.is_none() && stores.l3.is_none() {
             return self.get(id).await;
@@ -214,7 +217,8 @@ impl SyncEngine {
 
     /// Where the id stands: `Pending` while an enqueued write of it has not settled, else
     /// the fastest tier holding its live item. Reads no content and fills nothing; an L2 or
-    /// L3 failure is an error (falling through would name the wrong tier).
+    /// L3 failure is an error (falling through would name the wrong tier). Answered at every
+    /// backpressure level: it adds nothing to L1.
     pub async fn status(&self, id: &str) -> Result<ItemStatus, EngineError> {
         if self.pending.contains(id) {
             return Ok(ItemStatus::Pending);

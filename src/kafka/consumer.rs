@@ -4,8 +4,8 @@
 //! out, commands in). The thread:
 //! - converts each message to our `RawRecord` at this edge and adds its size to the shared
 //!   bytes-in-flight counter before handing it over;
-//! - pauses every assigned partition above the memory high watermark and resumes below the
-//!   low one, and keeps polling while paused (or the group would evict it);
+//! - pauses every assigned partition from the engine's Throttle backpressure level up and
+//!   resumes at Warn or below, and keeps polling while paused (or the group would evict it);
 //! - on revoke, blocks the rebalance (rebalance callbacks run synchronously on this thread)
 //!   until the worker has settled what it can of those partitions within the deadline, then
 //!   commits their settled watermark synchronously, and only then returns (invariant 5).
@@ -42,10 +42,11 @@ use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
 use crate::decode::RawRecord;
+use crate::engine::MemoryPressure;
 use crate::kafka::offsets::{Generation, TopicPartition};
 use crate::kafka::worker::WorkerStats;
 use crate::metrics as m;
-use crate::pressure::{Pressure, PressureDecision};
+use crate::pressure::{pause_decision, BackpressureLevel, PressureDecision};
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
@@ -242,11 +243,8 @@ pub struct ConsumerHandle {
 }
 
 /// Creates the consumer, subscribes, and starts its thread.
-pub fn start(
-    kafka: &KafkaConfig,
-    bytes_in_flight: Arc<AtomicU64>,
-    stats: Arc<WorkerStats>,
-) -> KafkaResult<ConsumerHandle> {
+pub fn start(kafka: &KafkaConfig, pressure: MemoryPressure, stats: Arc<WorkerStats>) -> KafkaResult<ConsumerHandle> {
+    let bytes_in_flight = pressure.kafka_bytes();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (rebalance_tx, rebalance_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = std_mpsc::channel();
@@ -262,7 +260,6 @@ pub fn start(
     let consumer: BaseConsumer<WorkerContext> = super::client::consumer_config(kafka).create_with_context(context)?;
     let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let pressure = Pressure::from_budget(kafka.memory_budget_bytes);
     metrics::gauge!(m::MEMORY_BUDGET).set(kafka.memory_budget_bytes as f64);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
@@ -288,9 +285,11 @@ struct PollLoop {
     consumer: BaseConsumer<WorkerContext>,
     events_tx: mpsc::UnboundedSender<ConsumerEvent>,
     commands_rx: std_mpsc::Receiver<ConsumerCommand>,
+    /// The worker's share of the engine's memory pressure (`pressure.kafka_bytes()`).
     bytes_in_flight: Arc<AtomicU64>,
     stats: Arc<WorkerStats>,
-    pressure: Pressure,
+    /// The engine's pressure: its level decides pause and resume.
+    pressure: MemoryPressure,
     paused: bool,
     fetching: bool,
     topics: Vec<Arc<str>>,
@@ -371,14 +370,17 @@ impl PollLoop {
         }
     }
 
+    /// Pauses from Throttle up and resumes at Warn or below: the engine's level counts the
+    /// records in flight, the engine's unsettled items and L1, against the one budget.
     fn apply_pressure(&mut self) {
         let in_flight = self.bytes_in_flight.load(Ordering::SeqCst);
         metrics::gauge!(m::BYTES_IN_FLIGHT).set(in_flight as f64);
+        let level = self.pressure.refresh();
         if self.consumer.context().assigned.swap(false, Ordering::SeqCst) {
             // Reassigned partitions may come back with the application's pause flag still set
             // (librdkafka keeps it): apply the current decision to all of them, explicitly.
-            let pause = !self.fetching || pause_wanted(&self.pressure, in_flight, self.paused);
-            tracing::debug!(in_flight, pause, "new assignment, applying the pause decision to all of it");
+            let pause = !self.fetching || pause_wanted(level, self.paused);
+            tracing::debug!(in_flight, pause, %level, "new assignment, applying the pause decision to all of it");
             if !self.set_paused(pause) {
                 self.consumer.context().assigned.store(true, Ordering::SeqCst); // try again next round
             }
@@ -387,19 +389,15 @@ impl PollLoop {
         if !self.fetching {
             return;
         }
-        match self.pressure.decide(in_flight, self.paused) {
+        match pause_decision(level, self.paused) {
             PressureDecision::Pause => {
                 metrics::counter!(m::PAUSES).increment(1);
                 self.stats.pauses.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(in_flight, high = self.pressure.high_bytes, "memory high watermark, pausing partitions");
+                tracing::info!(in_flight, %level, "memory pressure, pausing partitions");
                 self.set_paused(true);
             }
             PressureDecision::Resume => {
-                tracing::info!(
-                    in_flight,
-                    low = self.pressure.low_bytes,
-                    "memory below low watermark, resuming partitions"
-                );
+                tracing::info!(in_flight, %level, "memory pressure eased, resuming partitions");
                 self.set_paused(false);
             }
             PressureDecision::Stay => {}
@@ -432,8 +430,8 @@ impl PollLoop {
 }
 
 /// Whether the partitions should be paused now, given the state before the rebalance.
-fn pause_wanted(pressure: &Pressure, in_flight: u64, paused: bool) -> bool {
-    match pressure.decide(in_flight, paused) {
+fn pause_wanted(level: BackpressureLevel, paused: bool) -> bool {
+    match pause_decision(level, paused) {
         PressureDecision::Pause => true,
         PressureDecision::Resume => false,
         PressureDecision::Stay => paused,

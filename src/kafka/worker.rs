@@ -148,9 +148,12 @@ pub async fn run(
     grace: Duration,
     stats: Arc<WorkerStats>,
 ) -> anyhow::Result<()> {
-    let bytes_in_flight = Arc::new(AtomicU64::new(0));
+    // One budget for the records in flight, the engine's queue and L1: the worker's.
+    let pressure = engine.memory_pressure();
+    pressure.set_budget(kafka.memory_budget_bytes);
+    let bytes_in_flight = pressure.kafka_bytes();
     let ConsumerHandle { mut events_rx, mut rebalance_rx, commands_tx, thread } =
-        consumer::start(&kafka, bytes_in_flight.clone(), stats.clone())?;
+        consumer::start(&kafka, pressure, stats.clone())?;
     let dlq = DeadLetterProducer::new(&kafka)?;
     let mut late_rejections = engine.take_late_rejections();
     let mut worker = Worker::new(&kafka, engine, dlq, stats, bytes_in_flight);
@@ -344,7 +347,7 @@ impl Worker {
             return;
         }
         match self.decode(&record) {
-            Ok((item, options)) => match self.engine.enqueue(item, options).await {
+            Ok((item, options)) => match self.engine.enqueue_admitted(item, options).await {
                 Ok(receipt) => self.inflight.push(
                     async move {
                         let outcome = match receipt.await {
