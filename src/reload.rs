@@ -19,8 +19,14 @@ pub const ENV_FILE_VAR: &str = "SYNC_ENV_FILE";
 const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
 
 /// The settings a running worker applies without a restart.
-pub const LIVE: [&str; 5] =
-    ["SYNC_BATCH_MAX_ITEMS", "SYNC_BATCH_MAX_BYTES", "SYNC_BATCH_MAX_DELAY_MS", "SYNC_REDIS_TTL_SECS", "SYNC_LOG"];
+pub const LIVE: [&str; 6] = [
+    "SYNC_BATCH_MAX_ITEMS",
+    "SYNC_BATCH_MAX_BYTES",
+    "SYNC_BATCH_MAX_DELAY_MS",
+    "SYNC_REDIS_TTL_SECS",
+    "SYNC_MEMORY_BUDGET_BYTES",
+    "SYNC_LOG",
+];
 
 /// Why an env file could not be used. Values are never quoted back: they may be secrets.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +154,8 @@ pub fn plan(running: &Config, running_vars: &BTreeMap<String, String>, next: BTr
     let mut config = running.clone();
     config.engine.batch = proposed.engine.batch;
     config.engine.redis_ttl_secs = proposed.engine.redis_ttl_secs;
+    config.engine.memory_budget_bytes = proposed.engine.memory_budget_bytes;
+    config.kafka.memory_budget_bytes = proposed.kafka.memory_budget_bytes;
     config.log_filter = proposed.log_filter;
     // Restart-only variables keep their running values, so the next diff names them again
     // until a restart picks them up.
@@ -199,14 +207,16 @@ mod tests {
         let mut next = base();
         next.insert("SYNC_BATCH_MAX_ITEMS".into(), "250".into());
         next.insert("SYNC_REDIS_TTL_SECS".into(), "60".into());
+        next.insert("SYNC_MEMORY_BUDGET_BYTES".into(), (64u64 << 20).to_string());
         next.insert("SYNC_KAFKA_GROUP_ID".into(), "other".into());
         let Reload::Apply { config, vars, changes } = plan(&running, &running_vars, next) else {
             panic!("a valid set applies")
         };
         assert_eq!(config.engine.batch.max_items, 250);
         assert_eq!(config.engine.redis_ttl_secs, 60);
+        assert_eq!(config.engine.memory_budget_bytes, 64 << 20);
         assert_eq!(config.kafka.group_id, running.kafka.group_id, "the group needs a restart");
-        assert_eq!(changes.live, ["SYNC_BATCH_MAX_ITEMS", "SYNC_REDIS_TTL_SECS"]);
+        assert_eq!(changes.live, ["SYNC_BATCH_MAX_ITEMS", "SYNC_MEMORY_BUDGET_BYTES", "SYNC_REDIS_TTL_SECS"]);
         assert_eq!(changes.need_restart, ["SYNC_KAFKA_GROUP_ID"]);
         assert!(!vars.contains_key("SYNC_KAFKA_GROUP_ID"), "the running value is kept in the applied set");
     }

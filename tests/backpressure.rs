@@ -250,15 +250,15 @@ async fn the_level_is_the_gauge_and_shows_in_health_ready() {
     let names = Names::new("bp_health");
     let engine = Arc::new(held_engine(&names, BackpressureThresholds::default()).await);
     let probe_engine = engine.clone();
-    let probe: sync_engine::metrics::ReadyProbe = Arc::new(move || {
+    let probe: sync_engine::http::ReadyProbe = Arc::new(move || {
         let backends = probe_engine.backend_state();
-        sync_engine::metrics::ReadyState { backpressure: backends.backpressure, ..Default::default() }
+        sync_engine::http::ReadyState { backpressure: backends.backpressure, ..Default::default() }
     });
-    let readiness = sync_engine::metrics::Readiness::default();
+    let readiness = sync_engine::http::Readiness::default();
     readiness.set(true);
     let stop = tokio_util::sync::CancellationToken::new();
-    let extra: sync_engine::metrics::ExtraMetrics = Arc::new(String::new);
-    let bound = sync_engine::metrics::serve(
+    let extra: sync_engine::http::ExtraMetrics = Arc::new(String::new);
+    let bound = sync_engine::http::serve(
         "127.0.0.1:0".parse().unwrap(),
         handle.clone(),
         readiness,

@@ -54,12 +54,18 @@ async fn sighup_applies_live_settings_from_the_env_file_and_refuses_an_invalid_o
     assert!(first_ttls.iter().all(|ttl| (900..=1000).contains(ttl)), "the file's TTL applies: {first_ttls:?}");
 
     // A valid change: the TTL applies live; the group id needs a restart and stays.
-    std::fs::write(&env_file, "SYNC_REDIS_TTL_SECS=200\nSYNC_KAFKA_GROUP_ID=another-group\n").unwrap();
+    std::fs::write(
+        &env_file,
+        "SYNC_REDIS_TTL_SECS=200\nSYNC_MEMORY_BUDGET_BYTES=100000000\nSYNC_KAFKA_GROUP_ID=another-group\n",
+    )
+    .unwrap();
     signal(&worker, "HUP");
     assert!(eventually(Duration::from_secs(10), || futures::executor::block_on(reloads(port, "applied")) == 1).await);
     // Phase b commits in the original group (run_phase waits on names.group's offsets).
     let second = run_phase(&names, &producer, &mut ends, "b").await;
     let second_ttls = ttls(&names, &second).await;
+    let metrics = http_get(port, "/metrics").unwrap_or_default();
+    assert!(metrics.contains("sync_memory_budget_bytes 100000000"), "the budget applies live");
     assert!(second_ttls.iter().all(|ttl| (100..=200).contains(ttl)), "the new TTL applies live: {second_ttls:?}");
 
     // An invalid file is refused whole: the TTL in it does not apply either.

@@ -117,7 +117,8 @@ impl MemoryPressure {
         let mut state = self.lock();
         if state.0.budget_bytes != budget_bytes {
             state.0 = LevelBounds::new(budget_bytes, &self.0.thresholds);
-            tracing::info!(budget_bytes, "memory budget taken from the worker's configuration");
+            metrics::gauge!(crate::metrics::MEMORY_BUDGET).set(budget_bytes as f64);
+            tracing::info!(budget_bytes, "memory budget set");
         }
     }
 

@@ -294,7 +294,7 @@ impl SyncEngine {
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
-        self.tasks.spawn(reconfigure::run(stores.clone(), self.config_rx.clone(), self.stopping.clone()));
+        self.tasks.spawn(reconfigure::run(stores.clone(), self.pressure.clone(), self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(backpressure::run_relief(self.pressure.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
