@@ -97,10 +97,11 @@ pub fn layered(process: BTreeMap<String, String>, file: BTreeMap<String, String>
 pub fn current_vars() -> Result<BTreeMap<String, String>, EnvFileError> {
     let process: BTreeMap<String, String> =
         std::env::vars().filter(|(name, _)| name.starts_with("SYNC_") || name == "HOSTNAME").collect();
-    match process.get(ENV_FILE_VAR) {
-        Some(path) if !path.is_empty() => Ok(layered(process.clone(), read_env_file(Path::new(path))?)),
-        _ => Ok(process),
-    }
+    let file = match process.get(ENV_FILE_VAR) {
+        Some(path) if !path.is_empty() => read_env_file(Path::new(path))?,
+        _ => return Ok(process),
+    };
+    Ok(layered(process, file))
 }
 
 /// What a reload would change, by variable name.

@@ -148,7 +148,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
 
 /// Runs the demo and prints its summary; fails unless every id holds its newest version.
 pub async fn run_and_report(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let _ = super::run::init_logs(sync_engine::config::LogFormat::Text, sync_engine::config::DEFAULT_LOG_FILTER);
+    // SYNC_LOG applies to the demo too (an invalid filter falls back to the default).
+    let filter = std::env::var("SYNC_LOG").unwrap_or_else(|_| sync_engine::config::DEFAULT_LOG_FILTER.to_owned());
+    let _ = super::run::init_logs(sync_engine::config::LogFormat::Text, &filter);
     println!(
         "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite",
         args.items, args.item_bytes

@@ -53,6 +53,7 @@ impl MemoryPressure {
         pending: PendingIds,
     ) -> MemoryPressure {
         metrics::gauge!(crate::metrics::BACKPRESSURE_LEVEL).set(0.0);
+        metrics::gauge!(crate::metrics::MEMORY_BUDGET).set(budget_bytes as f64);
         MemoryPressure(Arc::new(Monitor {
             l1,
             pending,

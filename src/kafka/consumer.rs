@@ -260,7 +260,6 @@ pub fn start(kafka: &KafkaConfig, pressure: MemoryPressure, stats: Arc<WorkerSta
     let consumer: BaseConsumer<WorkerContext> = super::client::consumer_config(kafka).create_with_context(context)?;
     let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    metrics::gauge!(m::MEMORY_BUDGET).set(kafka.memory_budget_bytes as f64);
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
         .spawn(move || {
