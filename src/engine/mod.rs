@@ -380,6 +380,11 @@ impl SyncEngine {
         self.pressure.bytes()
     }
 
+    /// L1's byte capacity now in force (`l1_max_bytes`, which changes live).
+    pub fn l1_max_bytes(&self) -> u64 {
+        self.l1.max_bytes()
+    }
+
     /// The pressure handle, shared with the Kafka consumer thread.
     pub fn memory_pressure(&self) -> MemoryPressure {
         self.pressure.clone()
