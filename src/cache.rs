@@ -80,8 +80,8 @@ impl L1Cache {
     }
 
     /// Changes the byte capacity live: a new moka cache of that capacity replaces the old one,
-    /// and the old entries move over, hottest first (the ranking of `evict_large_and_cold`,
-    /// reversed), as long as they fit; an id `keep` names (not yet durable) always moves. An
+    /// and the old entries move over: first every id `keep` names (not yet durable), then the
+    /// hottest (the ranking of `evict_large_and_cold`, reversed) as long as they fit. An
     /// entry written meanwhile lands in the new cache, and the version guard keeps an old
     /// entry from replacing it. Returns the bytes dropped.
     pub async fn resize(&self, max_bytes: u64, keep: impl Fn(&str) -> bool) -> u64 {
@@ -98,8 +98,11 @@ impl L1Cache {
         // written to it during the first.
         for _ in 0..2 {
             old.run_pending_tasks().await;
+            // Kept ids first, then the hottest: all of them within the new capacity, so moka's
+            // own eviction (which would not know which ids to spare) has nothing to do.
             let mut ranked = self.ranked(&old, |_| false);
             ranked.reverse();
+            ranked.sort_by_key(|(_, id, _)| !keep(id));
             for (_, id, entry) in ranked {
                 // Removing from the old cache uncounts its bytes (the eviction listener).
                 old.remove(id.as_str()).await;
