@@ -127,6 +127,9 @@ pub struct SyncEngineConfig {
     /// (default: warn 50, throttle 70, critical 85, emergency 95, shutdown 100, left 10
     /// points below).
     pub backpressure: BackpressureThresholds,
+    /// The L2 auditor's pace (`SYNC_AUDIT_KEYS_PER_SEC`): entries compared with L3 per
+    /// second, pass after pass; 0 turns it off. Default 1,000.
+    pub audit_keys_per_sec: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -326,6 +329,7 @@ impl Config {
             // One budget: the worker's records, the engine's queue and L1 share it.
             memory_budget_bytes: kafka.memory_budget_bytes,
             backpressure,
+            audit_keys_per_sec: r.number("SYNC_AUDIT_KEYS_PER_SEC", 1_000, 0, 1_000_000),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -355,6 +359,7 @@ impl Default for SyncEngineConfig {
             shutdown_grace: Duration::from_secs(30),
             memory_budget_bytes: 256 << 20,
             backpressure: BackpressureThresholds::default(),
+            audit_keys_per_sec: 1_000,
         }
     }
 }

@@ -38,6 +38,10 @@ pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
 pub const CORRUPT_READS: &str = "sync_corrupt_reads_total";
+pub const L2_AUDIT_KEYS: &str = "sync_l2_audit_keys_total";
+pub const L2_AUDIT_DRIFT: &str = "sync_l2_audit_drift_total";
+pub const L2_AUDIT_REPAIRED: &str = "sync_l2_audit_repaired_total";
+pub const L2_AUDIT_PASS_SECONDS: &str = "sync_l2_audit_pass_seconds";
 pub const CONFIG_RELOADS: &str = "sync_config_reloads_total";
 
 const LATENCY_BUCKETS: [f64; 20] = [
@@ -87,7 +91,11 @@ fn describe() {
     describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
-    describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "The memory budget the backpressure levels are computed against (unsettled items, L1, records in flight)");
+    describe_gauge!(
+        MEMORY_BUDGET,
+        Unit::Bytes,
+        "The memory budget the backpressure levels are computed against (unsettled items, L1, records in flight)"
+    );
     describe_gauge!(
         BACKPRESSURE_LEVEL,
         "Memory pressure level: 0 normal, 1 warn, 2 throttle, 3 critical, 4 emergency, 5 shutdown"
@@ -116,6 +124,13 @@ fn describe() {
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
     describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the configuration, by outcome (applied, refused)");
+    describe_counter!(L2_AUDIT_KEYS, "L2 entries the auditor compared with L3");
+    describe_counter!(
+        L2_AUDIT_DRIFT,
+        "L2 entries the auditor found disagreeing with L3, by kind (stale, corrupt, unreadable)"
+    );
+    describe_counter!(L2_AUDIT_REPAIRED, "L2 entries the auditor rewrote from L3 or deleted");
+    describe_gauge!(L2_AUDIT_PASS_SECONDS, "Duration of the L2 auditor's last complete pass");
     describe_counter!(CORRUPT_READS, "Verified reads whose content did not match its stored SHA-256, by tier (l2, l3)");
 }
 

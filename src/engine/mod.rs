@@ -22,6 +22,7 @@
 mod backpressure;
 mod batching;
 mod flushing;
+mod l2_audit;
 mod l2_repair;
 mod pending;
 mod prefix;
@@ -31,6 +32,7 @@ mod state;
 mod wal_drain;
 
 pub use backpressure::MemoryPressure;
+pub use l2_audit::{audit_pass, AuditOptions, AuditReport};
 pub use reads::ItemStatus;
 pub use state::EngineState;
 
@@ -318,6 +320,7 @@ impl SyncEngine {
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(l2_audit::run(stores.clone(), self.config.audit_keys_per_sec, self.stopping.clone()));
         self.tasks.spawn(reconfigure::run(
             stores.clone(),
             self.pressure.clone(),
