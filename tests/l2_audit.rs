@@ -116,3 +116,25 @@ async fn the_background_auditor_repairs_drift_while_the_engine_runs() {
     assert_eq!(drift, 0, "the first background pass (5 s after start) repaired all three");
     engine.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_caught_between_the_l3_commit_and_its_l2_write_is_not_drift() {
+    use sync_engine::{ArchiveStore, CacheStore, MemoryArchiveStore, MemoryCacheStore};
+    let (l2, l3) = (MemoryCacheStore::new(), MemoryArchiveStore::new());
+    let v1 = SyncItem::new("race.1", b"one".to_vec()).with_version(1);
+    let v2 = SyncItem::new("race.1", b"two".to_vec()).with_version(2);
+    l3.write_batch(&[&v2], Duration::from_secs(5)).await.unwrap();
+    l2.write_batch(&[(&v1, 0)]).await;
+
+    // The flush's L2 write lands while the audit waits to look again.
+    let never = CancellationToken::new();
+    let audit = audit_pass(&l2, &l3, report_only(), &never);
+    let flush = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        l2.write_batch(&[(&v2, 0)]).await;
+    };
+    let (report, ()) = tokio::join!(audit, flush);
+    let report = report.unwrap();
+    assert_eq!(report.drift(), 0, "{report:?}");
+    assert_eq!(report.agreeing, 1, "{report:?}");
+}

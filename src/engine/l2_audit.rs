@@ -17,6 +17,10 @@
 //!   left alone, and the background auditor does not run while the WAL holds batches;
 //! - **only in L2**: no L3 row (items routed without L3): reported, never deleted.
 //!
+//! A stale or unreadable verdict is checked again a few seconds later before it counts: the
+//! flush writes L2 just after L3, so an entry seen between the two is not drift, and neither
+//! is a key that vanished since the scan (expired, or dropped behind L3).
+//!
 //! The background task (`run`) repeats passes while the engine runs; `sync-engine verify
 //! --l2 [--repair]` runs one on demand. A rewrite is a guarded write, so a newer version
 //! written meanwhile by the flush always wins.
@@ -40,6 +44,10 @@ const PAGE: usize = 500;
 /// When the first background pass starts, and the rest between two passes.
 const FIRST_PASS_AFTER: Duration = Duration::from_secs(5);
 const PAUSE_BETWEEN_PASSES: Duration = Duration::from_secs(60);
+
+/// How long a stale or missing entry is given before it counts: longer than the flush takes
+/// to bring L2 in line with an L3 commit (its L2 attempt deadline is 3 s).
+const RECHECK_AFTER: Duration = Duration::from_secs(4);
 
 /// Ids of each kind kept in a report (counts are exact; lists stop here).
 const LISTED: usize = 1000;
@@ -156,6 +164,24 @@ pub async fn audit_pass(
     Ok(report)
 }
 
+/// Each id's verdict, with L3's row when it has one: one L2 pipeline, one L3 query.
+async fn judged(
+    l2: &dyn CacheStore,
+    l3: &dyn ArchiveStore,
+    ids: &[&str],
+) -> Result<Vec<(String, Verdict, Option<Stored>)>, StoreError> {
+    let cached = l2.get_many(ids).await;
+    let mut rows: HashMap<String, Stored> =
+        l3.get_many(ids).await?.into_iter().map(|stored| (stored.item.id.clone(), stored)).collect();
+    Ok(ids
+        .iter()
+        .map(|id| {
+            let row = rows.remove(*id);
+            ((*id).to_owned(), judge(cached.get(*id), row.as_ref()), row)
+        })
+        .collect())
+}
+
 async fn audit_page(
     l2: &dyn CacheStore,
     l3: &dyn ArchiveStore,
@@ -164,15 +190,26 @@ async fn audit_page(
     report: &mut AuditReport,
 ) -> Result<(), StoreError> {
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let cached = l2.get_many(&refs).await;
-    let rows: HashMap<String, Stored> =
-        l3.get_many(&refs).await?.into_iter().map(|stored| (stored.item.id.clone(), stored)).collect();
+    let (mut verdicts, suspects): (Vec<_>, Vec<_>) = judged(l2, l3, &refs)
+        .await?
+        .into_iter()
+        .partition(|(_, verdict, _)| !matches!(verdict, Verdict::Stale | Verdict::Unreadable));
+    // A stale or missing entry may be a write in flight (L3 committed, L2 not yet written, or
+    // an entry dropped behind L3 since the scan): look again once such a write is over.
+    if !suspects.is_empty() {
+        tokio::time::sleep(RECHECK_AFTER).await;
+        let suspect_ids: Vec<&str> = suspects.iter().map(|(id, _, _)| id.as_str()).collect();
+        for (id, verdict, row) in judged(l2, l3, &suspect_ids).await? {
+            let gone = verdict == Verdict::Unreadable && !l2.exists(&id).await.unwrap_or(true);
+            if !gone {
+                verdicts.push((id, verdict, row));
+            }
+        }
+    }
     let mut to_drop = Vec::new();
     let mut to_write = Vec::new();
-    for id in &refs {
+    for (id, verdict, row) in verdicts {
         report.scanned += 1;
-        let row = rows.get(*id);
-        let verdict = judge(cached.get(*id), row);
         match verdict {
             Verdict::Agreeing => report.agreeing += 1,
             Verdict::AheadOfL3 => report.ahead_of_l3 += 1,
@@ -185,21 +222,22 @@ async fn audit_page(
                 }
                 metrics::counter!(m::L2_AUDIT_DRIFT, "kind" => verdict.label()).increment(1);
                 if report.divergent_ids.len() < LISTED {
-                    report.divergent_ids.push((*id).to_owned());
+                    report.divergent_ids.push(id.clone());
                 }
                 // A stale entry is dropped behind L3's row (so a newer one written meanwhile
                 // stays); a corrupt or unreadable one is deleted outright.
                 if verdict != Verdict::Stale || row.is_none() {
-                    to_drop.push(*id);
+                    to_drop.push(id);
                 }
                 if let Some(row) = row {
-                    to_write.push(row.item.clone());
+                    to_write.push(row.item);
                 }
             }
         }
     }
     metrics::counter!(m::L2_AUDIT_KEYS).increment(ids.len() as u64);
     if options.repair && (!to_drop.is_empty() || !to_write.is_empty()) {
+        let to_drop: Vec<&str> = to_drop.iter().map(String::as_str).collect();
         report.repaired += repair(l2, &to_drop, &to_write, options.ttl_secs).await;
     }
     Ok(())

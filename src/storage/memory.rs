@@ -21,8 +21,28 @@ use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRow, HeldRows, Selection};
 use crate::storage::{ArchiveStore, CacheStore, RowSummary, ScanCursor, StoreError, StoreFuture, Stored};
 
-fn unavailable(kind: &str) -> StoreError {
-    StoreError::Unavailable(format!("the in-memory {kind} store is set unavailable"))
+/// The switch `set_available` flips: off, every call fails as `Unavailable`.
+struct Availability {
+    on: AtomicBool,
+    kind: &'static str,
+}
+
+impl Availability {
+    fn new(kind: &'static str) -> Availability {
+        Availability { on: AtomicBool::new(true), kind }
+    }
+
+    fn set(&self, available: bool) {
+        self.on.store(available, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.on.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!("the in-memory {} store is set unavailable", self.kind)))
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,12 +73,12 @@ struct CacheEntry {
 /// L2 in memory: a map of id → item with its hash and expiry.
 pub struct MemoryCacheStore {
     entries: Mutex<HashMap<String, CacheEntry>>,
-    available: AtomicBool,
+    available: Availability,
 }
 
 impl Default for MemoryCacheStore {
     fn default() -> Self {
-        MemoryCacheStore { entries: Mutex::new(HashMap::new()), available: AtomicBool::new(true) }
+        MemoryCacheStore { entries: Mutex::new(HashMap::new()), available: Availability::new("cache") }
     }
 }
 
@@ -69,15 +89,11 @@ impl MemoryCacheStore {
 
     /// `false`: every call fails as `Unavailable` until set back.
     pub fn set_available(&self, available: bool) {
-        self.available.store(available, Ordering::SeqCst);
+        self.available.set(available);
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        if self.available.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(unavailable("cache"))
-        }
+        self.available.check()
     }
 
     /// Unexpired entries (expired ones are dropped first).
@@ -188,6 +204,13 @@ impl CacheStore for MemoryCacheStore {
         })
     }
 
+    fn exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(Self::current(&mut lock(&self.entries), id).is_some())
+        })
+    }
+
     /// Ids in order; the position is how many came before.
     fn scan_page(
         &self,
@@ -230,7 +253,7 @@ impl Row {
 /// L3 in memory: rows ordered by id, each batch applied under one lock (atomically).
 pub struct MemoryArchiveStore {
     rows: Mutex<BTreeMap<String, Row>>,
-    available: AtomicBool,
+    available: Availability,
     read_statements: AtomicU64,
     max_item_bytes: Option<u64>,
 }
@@ -239,7 +262,7 @@ impl Default for MemoryArchiveStore {
     fn default() -> Self {
         MemoryArchiveStore {
             rows: Mutex::new(BTreeMap::new()),
-            available: AtomicBool::new(true),
+            available: Availability::new("archive"),
             read_statements: AtomicU64::new(0),
             max_item_bytes: None,
         }
@@ -259,15 +282,11 @@ impl MemoryArchiveStore {
 
     /// `false`: every call fails as `Unavailable` until set back.
     pub fn set_available(&self, available: bool) {
-        self.available.store(available, Ordering::SeqCst);
+        self.available.set(available);
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        if self.available.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(unavailable("archive"))
-        }
+        self.available.check()
     }
 
     /// Rows held, tombstones included.

@@ -258,6 +258,17 @@ impl CacheStore for RedisStore {
         })
     }
 
+    fn exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(id);
+            let fields = match &self.backend {
+                Backend::Cluster(cluster) => cluster.hash(&key).await?,
+                Backend::Standalone(standalone) => standalone.hash(&key).await?,
+            };
+            Ok(!fields.is_empty())
+        })
+    }
+
     /// `SCAN … MATCH prefix*` on each master in turn; keys are turned back into ids.
     fn scan_page(
         &self,

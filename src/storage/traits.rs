@@ -72,6 +72,9 @@ pub trait CacheStore: Send + Sync {
     /// `Some(true)` live, `Some(false)` a tombstone, `None` no entry.
     fn live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<bool>, StoreError>>;
 
+    /// Whether any entry is stored under the id, readable or not.
+    fn exists<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<bool, StoreError>>;
+
     /// One page (about `count` ids) of a walk over every id the store holds: start at
     /// `ScanCursor::START` and go on with the returned cursor until it is `None`. Redis walks
     /// each master with `SCAN`, so ids written or moved meanwhile may be missed or repeated.
