@@ -204,9 +204,12 @@ def main():
     print(f"  L3 only / best raw    {l3_only['rate'] / best_raw:.2f}   (target >= 0.8)")
     print(f"  L2 + L3 / L3 only     {with_l2['rate'] / l3_only['rate']:.2f}   (target >= 0.75)")
     print("latency")
-    for label, run in [("L2 + L3, backlog", with_l2), (f"L2 + L3 at {half:.0f}/s", live)]:
-        print(f"  {label:<21} Kafka -> settled p50 <= {run['kafka_p50']:.0f} ms, p99 <= {run['kafka_p99']:.0f} ms; "
-              f"enqueue -> settled p99 <= {run['settle_p99']:.0f} ms; L3 flush p99 <= {run['flush_p99']:.0f} ms")
+    # With a backlog, Kafka -> settled is mostly time spent waiting in the topic: only the
+    # live run's says what a record's latency is.
+    print(f"  {'L2 + L3, backlog':<21} enqueue -> settled p50 <= {with_l2['settle_p50']:.0f} ms, "
+          f"p99 <= {with_l2['settle_p99']:.0f} ms; L3 flush p99 <= {with_l2['flush_p99']:.0f} ms")
+    print(f"  {f'L2 + L3 at {half:.0f}/s':<21} Kafka -> settled p50 <= {live['kafka_p50']:.0f} ms, "
+          f"p99 <= {live['kafka_p99']:.0f} ms (target <= 250); enqueue -> settled p99 <= {live['settle_p99']:.0f} ms")
     # The pod's memory limit: budget for unsettled records + L1 + the fixed overhead.
     limit = (args.budget + args.l1 + (64 << 20)) >> 20
     worst = max(l3_only["rss"], with_l2["rss"], live["rss"])
