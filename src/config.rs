@@ -127,6 +127,9 @@ pub struct SyncEngineConfig {
     /// (default: warn 50, throttle 70, critical 85, emergency 95, shutdown 100, left 10
     /// points below).
     pub backpressure: BackpressureThresholds,
+    /// The membership filter over L3's ids (`crate::filter`): on by default when there is
+    /// an L3; sizes, tail interval and the lag beyond which it is not trusted.
+    pub filter: crate::filter::FilterConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -326,6 +329,7 @@ impl Config {
             // One budget: the worker's records, the engine's queue and L1 share it.
             memory_budget_bytes: kafka.memory_budget_bytes,
             backpressure,
+            filter: crate::filter::FilterConfig::default(),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -355,6 +359,7 @@ impl Default for SyncEngineConfig {
             shutdown_grace: Duration::from_secs(30),
             memory_budget_bytes: 256 << 20,
             backpressure: BackpressureThresholds::default(),
+            filter: crate::filter::FilterConfig::default(),
         }
     }
 }

@@ -119,6 +119,15 @@ pub fn scan_sql(table: &str, selection: &Selection, ids_only: bool) -> String {
     format!("SELECT {columns} FROM {table} WHERE deleted = 0 AND {condition} AND id > ? ORDER BY id LIMIT ?")
 }
 
+/// `SELECT` of the ids of rows created at or after the first `?`, after the key
+/// `(created_at_ms, id)` bound to the next three, in key order, at most the last `?`.
+pub fn ids_created_since_sql(table: &str) -> String {
+    format!(
+        "SELECT created_at_ms, id FROM {table} WHERE created_at_ms >= ? \
+         AND (created_at_ms > ? OR (created_at_ms = ? AND id > ?)) ORDER BY created_at_ms, id LIMIT ?"
+    )
+}
+
 /// `SELECT COUNT(*)` of the live rows a selection holds.
 pub fn count_sql(table: &str, selection: &Selection) -> String {
     let (condition, _) = selection.condition();
@@ -257,6 +266,45 @@ impl SqlStore {
         match self {
             SqlStore::MySql(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
             SqlStore::Sqlite(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+        }
+    }
+
+    /// Every id L3 has a row for (tombstones included) above `after` (all when `None`),
+    /// ordered by id, at most `limit`: one keyset-paged statement (`WHERE id > ? ORDER BY id
+    /// LIMIT ?`, never `OFFSET`). The membership filter's warm-up pages L3 with it.
+    pub async fn ids_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let after = after.unwrap_or_default();
+        match self {
+            SqlStore::MySql(store) => store.ids_after(after, limit).await,
+            SqlStore::Sqlite(store) => store.ids_after(after, limit).await,
+        }
+    }
+
+    /// The database's clock, in ms since the epoch: the clock that stamps `created_at_ms`.
+    pub async fn db_now_ms(&self) -> Result<i64, StoreError> {
+        match self {
+            SqlStore::MySql(store) => store.db_now_ms().await,
+            SqlStore::Sqlite(store) => store.db_now_ms().await,
+        }
+    }
+
+    /// Ids of rows first inserted at `created_at_ms >= since`, after the key `after`
+    /// (`(created_at_ms, id)`; from the start when `None`), ordered by that key, at most
+    /// `limit`, with their `created_at_ms`: one statement on the `created_at_ms` index. The
+    /// membership filter's tail reads what other processes inserted with it.
+    pub async fn ids_created_since(
+        &self,
+        since: i64,
+        after: Option<(i64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        // `id > ''` holds for every valid id (1..=255 bytes).
+        let (from, after_id) = after.unwrap_or((since, ""));
+        match self {
+            SqlStore::MySql(store) => store.ids_created_since(since, from, after_id, limit).await,
+            SqlStore::Sqlite(store) => store.ids_created_since(since, from, after_id, limit).await,
         }
     }
 
