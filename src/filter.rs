@@ -58,8 +58,8 @@ impl Default for FilterConfig {
     fn default() -> FilterConfig {
         FilterConfig {
             enabled: true,
-            initial_capacity: 1 << 20,
-            max_growth: 6,
+            initial_capacity: 1 << 16,
+            max_growth: 10,
             fp_rate: 0.001,
             poll_interval: Duration::from_millis(500),
             lag_bound: Duration::from_secs(5),
