@@ -326,3 +326,52 @@ async fn an_existing_table_is_migrated_and_its_old_rows_are_found_by_the_warm_up
     assert!(reader.contains("new.by.old.writer").await.unwrap());
     stop(reader).await;
 }
+
+/// What the warm-up and one tail poll cost on 200,000 rows, printed for the README
+/// (`cargo test --test filter measure -- --ignored --nocapture`): the tail re-reads every row
+/// inserted within the overlap (`SYNC_SQL_WRITE_TIMEOUT_MS` + the commit margin) on every poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_warm_up_and_tail_poll_cost() {
+    let names = Names::new("filter_cost");
+    let store = SqlStore::connect(&mysql_url(), &names.table).await.unwrap();
+    let rows = 200_000;
+    let all = items(&ids("uk.nhs.patient.record", rows));
+    for chunk in all.chunks(1_000) {
+        let refs: Vec<&SyncItem> = chunk.iter().collect();
+        store.write_batch(&refs, Duration::from_secs(30)).await.unwrap();
+    }
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (mut after, mut read) = (None::<String>, 0);
+        loop {
+            let page = store.ids_after(after.as_deref(), 10_000).await.unwrap();
+            read += page.len();
+            if page.len() < 10_000 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        let warm = started.elapsed();
+        let started = Instant::now();
+        let (mut after, mut tailed) = (None::<(i64, String)>, 0);
+        loop {
+            let page =
+                store.ids_created_since(0, after.as_ref().map(|(at, id)| (*at, id.as_str())), 10_000).await.unwrap();
+            tailed += page.len();
+            if page.len() < 10_000 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        let tail = started.elapsed();
+        println!(
+            "warm-up: {read} ids in {:.0} ms ({:.0} ids/s); a tail poll re-reading {tailed} ids: {:.0} ms ({:.0} ids/s)",
+            warm.as_secs_f64() * 1e3,
+            read as f64 / warm.as_secs_f64(),
+            tail.as_secs_f64() * 1e3,
+            tailed as f64 / tail.as_secs_f64(),
+        );
+    }
+    store.close().await;
+}
