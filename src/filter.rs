@@ -137,7 +137,9 @@ fn new_filter(config: &FilterConfig, initial: u64) -> qfilter::Filter {
         .expect("a filter of the default size can always be built")
 }
 
-/// The membership filter and its trust (see the module documentation).
+/// The membership filter and its trust (see the module documentation). Anyone may add ids
+/// (an added id can only make the filter say "maybe"); only the engine's filter task moves its
+/// trust, from what it read in L3.
 pub struct FilterManager {
     config: FilterConfig,
     inner: RwLock<Inner>,
@@ -241,7 +243,7 @@ impl FilterManager {
 
     /// The filter task starts a warm-up: returns its generation (`poll_completed` of an older
     /// one is ignored).
-    pub fn begin_warm_up(&self) -> u64 {
+    pub(crate) fn begin_warm_up(&self) -> u64 {
         let mut inner = self.write();
         inner.phase = Phase::WarmingUp;
         inner.last_poll_started = None;
@@ -249,7 +251,7 @@ impl FilterManager {
     }
 
     /// The warm-up could not finish: untrusted, with why.
-    pub fn warm_up_failed(&self, generation: u64, reason: String) {
+    pub(crate) fn warm_up_failed(&self, generation: u64, reason: String) {
         let mut inner = self.write();
         if inner.generation == generation {
             inner.phase = Phase::Untrusted(reason);
@@ -264,7 +266,7 @@ impl FilterManager {
 
     /// A tail poll that started at `started` completed. After a warm-up of the same
     /// generation, the first one makes the filter warm.
-    pub fn poll_completed(&self, generation: u64, started: Instant) {
+    pub(crate) fn poll_completed(&self, generation: u64, started: Instant) {
         let mut inner = self.write();
         if inner.generation != generation || matches!(inner.phase, Phase::Untrusted(_)) {
             return;
@@ -274,7 +276,7 @@ impl FilterManager {
     }
 
     /// Resolves when the filter was replaced and needs a new warm-up.
-    pub async fn rebuild_requested(&self) {
+    pub(crate) async fn rebuild_requested(&self) {
         self.rebuild.notified().await
     }
 

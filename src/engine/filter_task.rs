@@ -39,6 +39,8 @@ use crate::storage::StoreError;
 const POLL_DEADLINE: Duration = Duration::from_secs(60);
 /// Wait before retrying a warm-up that failed.
 const WARM_UP_RETRY: Duration = Duration::from_secs(1);
+/// While a poll runs, the trust and lag gauges are refreshed this often (a hung poll shows).
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Called before an L3 write is sent: its ids enter the filter first, so a read can never be
 /// told "definitely not" about an id this process has written (or is writing).
@@ -148,7 +150,15 @@ async fn tail(
             return false;
         }
         let started = Instant::now();
-        match tokio::time::timeout(POLL_DEADLINE, poll(filter, l3, since)).await {
+        let polling = tokio::time::timeout(POLL_DEADLINE, poll(filter, l3, since));
+        tokio::pin!(polling);
+        let polled = loop {
+            tokio::select! {
+                polled = &mut polling => break polled,
+                _ = tokio::time::sleep(GAUGE_REFRESH) => { filter.trust(); }
+            }
+        };
+        match polled {
             Ok(Ok(now)) => {
                 since = now.saturating_sub(overlap_ms);
                 filter.poll_completed(generation, started);
