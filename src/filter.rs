@@ -61,7 +61,7 @@ impl Default for FilterConfig {
             initial_capacity: 1 << 16,
             max_growth: 10,
             fp_rate: 0.001,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(2),
             lag_bound: Duration::from_secs(5),
             commit_margin: Duration::from_secs(5),
             page_ids: 10_000,
