@@ -81,7 +81,12 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
     loop {
         let generation = filter.begin_warm_up();
         let started = Instant::now();
-        let since = match warm_up(&filter, l3, generation, &stopping).await {
+        // A stop never waits for a query (a hung connection must not hold the shutdown).
+        let warmed = tokio::select! {
+            _ = stopping.cancelled() => return,
+            warmed = warm_up(&filter, l3, generation, &stopping) => warmed,
+        };
+        let since = match warmed {
             Ok(Some(t0)) => t0.saturating_sub(overlap_ms),
             Ok(None) => {
                 if stopping.is_cancelled() {
@@ -154,6 +159,7 @@ async fn tail(
         tokio::pin!(polling);
         let polled = loop {
             tokio::select! {
+                _ = stopping.cancelled() => return true,
                 polled = &mut polling => break polled,
                 _ = tokio::time::sleep(GAUGE_REFRESH) => { filter.trust(); }
             }
