@@ -124,13 +124,13 @@ async fn warm_up(
 ) -> Result<Option<i64>, StoreError> {
     let t0 = l3.db_now_ms().await?;
     let page = filter.config().page_ids;
-    let mut after: Option<String> = None;
+    let mut after: Option<Vec<u8>> = None;
     loop {
         if stopping.is_cancelled() || filter.generation() != generation {
             return Ok(None);
         }
         let mut ids = l3.ids_after(after.as_deref(), page).await?;
-        filter.add(ids.iter().map(String::as_str));
+        add_ids(filter, ids.iter());
         if ids.len() < page {
             return Ok(Some(t0));
         }
@@ -183,15 +183,22 @@ async fn tail(
 async fn poll(filter: &FilterManager, l3: &SqlStore, since: i64) -> Result<i64, StoreError> {
     let now = l3.db_now_ms().await?;
     let page = filter.config().page_ids;
-    let mut after: Option<(i64, String)> = None;
+    let mut after: Option<(i64, Vec<u8>)> = None;
     loop {
-        let rows = l3.ids_created_since(since, after.as_ref().map(|(at, id)| (*at, id.as_str())), page).await?;
-        filter.add(rows.iter().map(|(_, id)| id.as_str()));
+        let rows = l3.ids_created_since(since, after.as_ref().map(|(at, id)| (*at, id.as_slice())), page).await?;
+        add_ids(filter, rows.iter().map(|(_, id)| id));
         if rows.len() < page {
             return Ok(now);
         }
         after = rows.into_iter().next_back();
     }
+}
+
+/// Adds ids read from L3 (bytes; an id that is not UTF-8 cannot be asked for, and is added
+/// as its lossy text).
+fn add_ids<'a>(filter: &FilterManager, ids: impl Iterator<Item = &'a Vec<u8>>) {
+    let ids: Vec<std::borrow::Cow<'a, str>> = ids.map(|id| String::from_utf8_lossy(id)).collect();
+    filter.add(ids.iter().map(|id| id.as_ref()));
 }
 
 /// Sleeps, waking early for a rebuild; true if the engine is stopping.

@@ -271,8 +271,10 @@ impl SqlStore {
 
     /// Every id L3 has a row for (tombstones included) above `after` (all when `None`),
     /// ordered by id, at most `limit`: one keyset-paged statement (`WHERE id > ? ORDER BY id
-    /// LIMIT ?`, never `OFFSET`). The membership filter's warm-up pages L3 with it.
-    pub async fn ids_after(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+    /// LIMIT ?`, never `OFFSET`). The membership filter's warm-up pages L3 with it. Ids are
+    /// the stored bytes, so the next page's `after` is exact even for a row whose id is not
+    /// UTF-8 (written by hand: such an id would otherwise make the pages skip others).
+    pub async fn ids_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         let after = after.unwrap_or_default();
         match self {
@@ -292,16 +294,17 @@ impl SqlStore {
     /// Ids of rows first inserted at `created_at_ms >= since`, after the key `after`
     /// (`(created_at_ms, id)`; from the start when `None`), ordered by that key, at most
     /// `limit`, with their `created_at_ms`: one statement on the `created_at_ms` index. The
-    /// membership filter's tail reads what other processes inserted with it.
+    /// membership filter's tail reads what other processes inserted with it. Ids are the
+    /// stored bytes (see `ids_after`).
     pub async fn ids_created_since(
         &self,
         since: i64,
-        after: Option<(i64, &str)>,
+        after: Option<(i64, &[u8])>,
         limit: usize,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         // `id > ''` holds for every valid id (1..=255 bytes).
-        let (from, after_id) = after.unwrap_or((since, ""));
+        let (from, after_id) = after.unwrap_or((since, b""));
         match self {
             SqlStore::MySql(store) => store.ids_created_since(since, from, after_id, limit).await,
             SqlStore::Sqlite(store) => store.ids_created_since(since, from, after_id, limit).await,

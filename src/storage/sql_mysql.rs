@@ -333,15 +333,9 @@ impl MySqlStore {
     }
 
     /// Every id (tombstones included) above `after`, by id, at most `limit`.
-    pub async fn ids_after(&self, after: &str, limit: i64) -> Result<Vec<String>, StoreError> {
+    pub async fn ids_after(&self, after: &[u8], limit: i64) -> Result<Vec<Vec<u8>>, StoreError> {
         let statement = format!("SELECT id FROM {} WHERE id > ? ORDER BY id LIMIT ?", self.table);
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar(&statement)
-            .bind(after.as_bytes())
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(ids.into_iter().map(|id| String::from_utf8_lossy(&id).into_owned()).collect())
+        sqlx::query_scalar(&statement).bind(after).bind(limit).fetch_all(&self.pool).await.map_err(classify)
     }
 
     /// The clock `created_at_ms` is stamped with.
@@ -354,20 +348,19 @@ impl MySqlStore {
         &self,
         since: i64,
         from: i64,
-        after_id: &str,
+        after_id: &[u8],
         limit: i64,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
         let statement = sql::ids_created_since_sql(&self.table);
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(&statement)
+        sqlx::query_as(&statement)
             .bind(since)
             .bind(from)
             .bind(from)
-            .bind(after_id.as_bytes())
+            .bind(after_id)
             .bind(limit)
             .fetch_all(&self.pool)
             .await
-            .map_err(classify)?;
-        Ok(rows.into_iter().map(|(created, id)| (created, String::from_utf8_lossy(&id).into_owned())).collect())
+            .map_err(classify)
     }
 
     pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {
