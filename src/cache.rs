@@ -13,6 +13,10 @@
 //! evicted: entries ranked by size × time since their last read, skipping the ids the caller
 //! says are not yet durable. Each entry keeps its own last-access tick for this (a logical
 //! clock, one tick per read or write), since moka's own policy is not visible.
+//!
+//! moka's capacity is fixed when it is built, so a live change of `SYNC_L1_MAX_BYTES`
+//! (`resize`) builds a new moka cache and carries the entries over, hottest first by the same
+//! ranking, keeping those that fit and every id not yet durable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,9 +41,13 @@ impl Entry {
     }
 }
 
+type Moka = Cache<String, Arc<Entry>>;
+
 #[derive(Clone)]
 pub struct L1Cache {
-    cache: Cache<String, Arc<Entry>>,
+    /// Replaced whole by `resize`; every other call works on the current one.
+    cache: Arc<std::sync::RwLock<Moka>>,
+    max_bytes: Arc<AtomicU64>,
     /// The bytes of the entries held (see the module doc).
     bytes: Arc<AtomicU64>,
     /// The logical clock of reads and writes, for coldness.
@@ -51,16 +59,65 @@ pub struct L1Cache {
 impl L1Cache {
     pub fn new(max_bytes: u64) -> L1Cache {
         let bytes = Arc::new(AtomicU64::new(0));
-        let removed = bytes.clone();
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_id: &String, entry: &Arc<Entry>| u32::try_from(entry.size_bytes()).unwrap_or(u32::MAX))
-            .eviction_listener(move |_id, entry: Arc<Entry>, _cause| {
-                removed.fetch_sub(entry.size_bytes(), Ordering::SeqCst);
-            })
-            .support_invalidation_closures()
-            .build();
-        L1Cache { cache, bytes, clock: Default::default(), hits: Default::default(), misses: Default::default() }
+        L1Cache {
+            cache: Arc::new(std::sync::RwLock::new(build(max_bytes, bytes.clone()))),
+            max_bytes: Arc::new(AtomicU64::new(max_bytes)),
+            bytes,
+            clock: Default::default(),
+            hits: Default::default(),
+            misses: Default::default(),
+        }
+    }
+
+    /// The moka cache now in use (a cheap handle: moka's caches are shared references).
+    fn cache(&self) -> Moka {
+        self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The byte capacity now in force.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Changes the byte capacity live: a new moka cache of that capacity replaces the old one,
+    /// and the old entries move over: first every id `keep` names (not yet durable), then the
+    /// hottest (the ranking of `evict_large_and_cold`, reversed) as long as they fit. An
+    /// entry written meanwhile lands in the new cache, and the version guard keeps an old
+    /// entry from replacing it. Returns the bytes dropped.
+    pub async fn resize(&self, max_bytes: u64, keep: impl Fn(&str) -> bool) -> u64 {
+        let old = {
+            let mut slot = self.cache.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if self.max_bytes.swap(max_bytes, Ordering::SeqCst) == max_bytes {
+                return 0;
+            }
+            std::mem::replace(&mut *slot, build(max_bytes, self.bytes.clone()))
+        };
+        let mut dropped = 0;
+        let mut carried = 0u64;
+        // Two passes: a call that took the old handle just before the swap may still have
+        // written to it during the first.
+        for _ in 0..2 {
+            old.run_pending_tasks().await;
+            // Kept ids first, then the hottest: all of them within the new capacity, so moka's
+            // own eviction (which would not know which ids to spare) has nothing to do.
+            let mut ranked = self.ranked(&old, |_| false);
+            ranked.reverse();
+            ranked.sort_by_key(|(_, id, _)| !keep(id));
+            for (_, id, entry) in ranked {
+                // Removing from the old cache uncounts its bytes (the eviction listener).
+                old.remove(id.as_str()).await;
+                let size = entry.size_bytes();
+                if keep(&id) || carried + size <= max_bytes {
+                    carried += size;
+                    self.put_entry(entry).await;
+                } else {
+                    dropped += size;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tracing::info!(l1_max_bytes = max_bytes, dropped_bytes = dropped, "L1 resized");
+        dropped
     }
 
     fn tick(&self) -> u64 {
@@ -69,12 +126,16 @@ impl L1Cache {
 
     /// Stores the item unless L1 holds a version that it does not supersede.
     pub async fn put_if_newer(&self, item: Arc<SyncItem>) {
-        let entry = Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()), reads: AtomicU64::new(0) });
+        self.put_entry(Arc::new(Entry { item, last_access: AtomicU64::new(self.tick()), reads: AtomicU64::new(0) }))
+            .await;
+    }
+
+    async fn put_entry(&self, entry: Arc<Entry>) {
         let size = entry.size_bytes();
         // Counted before it can be removed, so the count never dips below what is held.
         self.bytes.fetch_add(size, Ordering::SeqCst);
         let result = self
-            .cache
+            .cache()
             .entry(entry.item.id.clone())
             .and_compute_with(|current| {
                 let replace = current.is_none_or(|current| entry.item.supersedes(&current.value().item));
@@ -89,7 +150,7 @@ impl L1Cache {
     /// Drops the id's entry unless it is L3's row or newer than it: an entry L3 refused (an
     /// older version, or other content at the same version) must not answer reads.
     pub async fn drop_if_behind(&self, id: &str, row: &HeldRow) {
-        self.cache
+        self.cache()
             .entry(id.to_owned())
             .and_compute_with(|current| {
                 let behind = current.is_some_and(|entry| {
@@ -104,7 +165,7 @@ impl L1Cache {
 
     /// Drops the entry if it is exactly this item (one L3 rejected for its content).
     pub async fn remove_exact(&self, item: &SyncItem) {
-        self.cache
+        self.cache()
             .entry(item.id.clone())
             .and_compute_with(|current| {
                 let same = current.is_some_and(|entry| entry.value().item.as_ref() == item);
@@ -114,7 +175,7 @@ impl L1Cache {
     }
 
     pub async fn get(&self, id: &str) -> Option<Arc<SyncItem>> {
-        match self.cache.get(id).await {
+        match self.cache().get(id).await {
             Some(entry) => {
                 entry.last_access.store(self.tick(), Ordering::Relaxed);
                 entry.reads.fetch_add(1, Ordering::Relaxed);
@@ -130,7 +191,7 @@ impl L1Cache {
 
     /// Whether L1 holds the id, without counting as a read (no hit, no access tick).
     pub fn contains(&self, id: &str) -> bool {
-        self.cache.contains_key(id)
+        self.cache().contains_key(id)
     }
 
     /// Reads that L1 answered and reads it did not, since it was built.
@@ -145,7 +206,7 @@ impl L1Cache {
 
     /// Applies moka's pending inserts, evictions and expiries.
     pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+        self.cache().run_pending_tasks().await;
     }
 
     /// Evicts entries until `bytes_to_free` are freed (or nothing evictable is left),
@@ -161,26 +222,14 @@ impl L1Cache {
         if bytes_to_free == 0 {
             return 0;
         }
-        let now = self.clock.load(Ordering::Relaxed);
-        let mut ranked: Vec<(u128, Arc<String>, Arc<Entry>)> = self
-            .cache
-            .iter()
-            .filter(|(id, _)| !keep(id))
-            .map(|(id, entry)| {
-                let idle = now.saturating_sub(entry.last_access.load(Ordering::Relaxed));
-                let reads = entry.reads.load(Ordering::Relaxed) + 1;
-                let score = entry.size_bytes() as u128 * (idle.isqrt() + 1) as u128 / reads as u128;
-                (score, id, entry)
-            })
-            .collect();
-        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let cache = self.cache();
+        let ranked = self.ranked(&cache, &keep);
         let mut freed = 0u64;
         for (_, id, ranked_entry) in ranked {
             if freed >= bytes_to_free {
                 break;
             }
-            let removed = self
-                .cache
+            let removed = cache
                 .entry(id.as_ref().clone())
                 .and_compute_with(|current| {
                     let same = current.is_some_and(|current| Arc::ptr_eq(current.value(), &ranked_entry));
@@ -194,12 +243,30 @@ impl L1Cache {
         freed
     }
 
+    /// The entries `keep` does not name, largest × coldest first (see `evict_large_and_cold`).
+    fn ranked(&self, cache: &Moka, keep: impl Fn(&str) -> bool) -> Vec<(u128, Arc<String>, Arc<Entry>)> {
+        let now = self.clock.load(Ordering::Relaxed);
+        let mut ranked: Vec<(u128, Arc<String>, Arc<Entry>)> = cache
+            .iter()
+            .filter(|(id, _)| !keep(id))
+            .map(|(id, entry)| {
+                let idle = now.saturating_sub(entry.last_access.load(Ordering::Relaxed));
+                let reads = entry.reads.load(Ordering::Relaxed) + 1;
+                let score = entry.size_bytes() as u128 * (idle.isqrt() + 1) as u128 / reads as u128;
+                (score, id, entry)
+            })
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        ranked
+    }
+
     /// How many entries L1 holds, approximately: moka applies inserts, evictions and
     /// expiries in the background, so its pending tasks are run first, and concurrent writes
     /// can still move the count while it is read.
     pub async fn entry_count(&self) -> u64 {
-        self.cache.run_pending_tasks().await;
-        self.cache.entry_count()
+        let cache = self.cache();
+        cache.run_pending_tasks().await;
+        cache.entry_count()
     }
 
     /// Drops every entry that came from one of these topic-partitions.
@@ -209,12 +276,26 @@ impl L1Cache {
                 partitions.iter().any(|(topic, partition)| *topic == origin.topic && *partition == origin.partition)
             })
         };
-        if let Err(error) = self.cache.invalidate_entries_if(predicate) {
+        let cache = self.cache();
+        if let Err(error) = cache.invalidate_entries_if(predicate) {
             // Only possible if invalidation closures were not enabled at build time.
             tracing::error!(%error, "failed to drop revoked partitions from L1, clearing it");
-            self.cache.invalidate_all();
+            cache.invalidate_all();
         }
     }
+}
+
+/// A moka cache of `max_bytes`, weighing entries by size, that uncounts an entry's bytes
+/// from `bytes` when it is removed for any reason.
+fn build(max_bytes: u64, bytes: Arc<AtomicU64>) -> Moka {
+    Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(|_id: &String, entry: &Arc<Entry>| u32::try_from(entry.size_bytes()).unwrap_or(u32::MAX))
+        .eviction_listener(move |_id, entry: Arc<Entry>, _cause| {
+            bytes.fetch_sub(entry.size_bytes(), Ordering::SeqCst);
+        })
+        .support_invalidation_closures()
+        .build()
 }
 
 #[cfg(test)]
@@ -288,7 +369,40 @@ mod tests {
         }
         cache.run_pending_tasks().await;
         assert!(cache.bytes() <= 50_000, "moka's evictions for size are uncounted: {}", cache.bytes());
-        assert_eq!(cache.bytes(), cache.cache.weighted_size());
+        assert_eq!(cache.bytes(), cache.cache().weighted_size());
+    }
+
+    #[tokio::test]
+    async fn a_live_resize_keeps_the_hottest_entries_that_fit_and_every_kept_id() {
+        let cache = L1Cache::new(1 << 20);
+        for n in 0..100 {
+            cache.put_if_newer(sized(&format!("e{n:02}"), 1000)).await;
+        }
+        for _ in 0..5 {
+            for n in 0..10 {
+                cache.get(&format!("e{n:02}")).await; // e00..e09 are hot
+            }
+        }
+        let keep = |id: &str| id == "e99"; // cold, but not yet durable
+        let dropped = cache.resize(20_000, keep).await;
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.max_bytes(), 20_000);
+        for n in 0..10 {
+            assert!(cache.contains(&format!("e{n:02}")), "hot e{n:02} stays");
+        }
+        assert!(cache.contains("e99"), "a kept id stays");
+        let held = cache.entry_count().await;
+        assert!(held >= 11 && cache.bytes() <= 20_000 + 1067, "{held} entries, {} bytes", cache.bytes());
+        assert_eq!(cache.bytes() + dropped, 100 * 1067, "every byte is either carried or dropped");
+        assert_eq!(cache.bytes(), cache.cache().weighted_size(), "the count follows the new cache");
+
+        // Grown back: the new capacity is in force for new entries.
+        cache.resize(1 << 20, |_| false).await;
+        for n in 0..200 {
+            cache.put_if_newer(sized(&format!("f{n:03}"), 1000)).await;
+        }
+        cache.run_pending_tasks().await;
+        assert!(cache.entry_count().await > 150, "room for more than the 20 kB capacity held");
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@
 //! | `batch` | the hybrid batcher: count, bytes, age (pure, time passed in) |
 //! | `pressure` | memory budget, `BackpressureLevel` thresholds with hysteresis, pause/resume decisions (pure) |
 //! | `cache` | L1 over moka, bounded by bytes, version-guarded |
-//! | `storage` | L2 (`redis`) and L3 (`sql`: MySQL and SQLite), version-guarded writes |
+//! | `storage` | the roles `CacheStore` (L2) and `ArchiveStore` (L3); Redis (`redis`), MySQL and SQLite (`sql`), in-memory (`memory`); version-guarded writes |
 //! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain, L2 repair and L1 relief tasks; memory pressure (`MemoryPressure`) |
 //! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
@@ -78,4 +78,6 @@ pub use resilience::retry::RetryConfig;
 pub use resilience::wal::{WalStats, WriteAheadLog};
 /// The seed's name for `StoreError`.
 pub use storage::StoreError as StorageError;
+pub use storage::memory::{MemoryArchiveStore, MemoryCacheStore};
 pub use storage::StoreError;
+pub use storage::{ArchiveStore, CacheStore};

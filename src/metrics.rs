@@ -92,7 +92,11 @@ fn describe() {
     describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
-    describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "The memory budget the backpressure levels are computed against (unsettled items, L1, records in flight)");
+    describe_gauge!(
+        MEMORY_BUDGET,
+        Unit::Bytes,
+        "The memory budget the backpressure levels are computed against (unsettled items, L1, records in flight)"
+    );
     describe_gauge!(
         BACKPRESSURE_LEVEL,
         "Memory pressure level: 0 normal, 1 warn, 2 throttle, 3 critical, 4 emergency, 5 shutdown"

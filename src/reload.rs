@@ -19,12 +19,13 @@ pub const ENV_FILE_VAR: &str = "SYNC_ENV_FILE";
 const MAX_ENV_FILE_BYTES: u64 = 1 << 20;
 
 /// The settings a running worker applies without a restart.
-pub const LIVE: [&str; 6] = [
+pub const LIVE: [&str; 7] = [
     "SYNC_BATCH_MAX_ITEMS",
     "SYNC_BATCH_MAX_BYTES",
     "SYNC_BATCH_MAX_DELAY_MS",
     "SYNC_REDIS_TTL_SECS",
     "SYNC_MEMORY_BUDGET_BYTES",
+    "SYNC_L1_MAX_BYTES",
     "SYNC_LOG",
 ];
 
@@ -156,6 +157,7 @@ pub fn plan(running: &Config, running_vars: &BTreeMap<String, String>, next: BTr
     config.engine.batch = proposed.engine.batch;
     config.engine.redis_ttl_secs = proposed.engine.redis_ttl_secs;
     config.engine.memory_budget_bytes = proposed.engine.memory_budget_bytes;
+    config.engine.l1_max_bytes = proposed.engine.l1_max_bytes;
     config.kafka.memory_budget_bytes = proposed.kafka.memory_budget_bytes;
     config.log_filter = proposed.log_filter;
     // Restart-only variables keep their running values, so the next diff names them again
@@ -188,7 +190,11 @@ mod tests {
         let parsed = parse_env_file(text).unwrap();
         assert_eq!(
             parsed,
-            vars(&[("SYNC_BATCH_MAX_ITEMS", "500"), ("SYNC_LOG", "info,sync_engine=debug"), ("SYNC_REDIS_PREFIX", "a b")])
+            vars(&[
+                ("SYNC_BATCH_MAX_ITEMS", "500"),
+                ("SYNC_LOG", "info,sync_engine=debug"),
+                ("SYNC_REDIS_PREFIX", "a b")
+            ])
         );
         assert_eq!(parse_env_file("SYNC_A=1\nnot a pair\n").unwrap_err().0, 2);
         assert!(parse_env_file("sync_lower=1").is_err());

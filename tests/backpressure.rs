@@ -258,16 +258,10 @@ async fn the_level_is_the_gauge_and_shows_in_health_ready() {
     readiness.set(true);
     let stop = tokio_util::sync::CancellationToken::new();
     let extra: sync_engine::http::ExtraMetrics = Arc::new(String::new);
-    let bound = sync_engine::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        handle.clone(),
-        readiness,
-        probe,
-        extra,
-        stop.clone(),
-    )
-    .await
-    .unwrap();
+    let bound =
+        sync_engine::http::serve("127.0.0.1:0".parse().unwrap(), handle.clone(), readiness, probe, extra, stop.clone())
+            .await
+            .unwrap();
     let get = |path: &'static str| {
         let port = bound.port();
         async move { tokio::task::spawn_blocking(move || http_get(port, path).unwrap_or_default()).await.unwrap() }
@@ -359,4 +353,31 @@ async fn pressure_aware_eviction_keeps_the_hot_ids_and_beats_mokas_own_hit_rate(
     // A few hot small ids, then a tail of equal large ones.
     let (moka, aware) = compare("hot small, cold 16 KiB", |rank| if rank <= 40 { 256 } else { 16 << 10 }).await;
     assert!(aware > moka, "pressure-aware {aware} vs moka {moka}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_capacity_changes_live_through_the_config_receiver() {
+    let config = SyncEngineConfig { l1_max_bytes: 1 << 20, ..SyncEngineConfig::in_memory() };
+    let (config_tx, config_rx) = watch::channel(config.clone());
+    let mut engine = SyncEngine::new(config.clone(), config_rx);
+    engine.start().await.unwrap();
+    for n in 0..200 {
+        engine.submit(item(&format!("l1-{n:03}"), 1000)).await.unwrap();
+    }
+    for _ in 0..3 {
+        for n in 0..20 {
+            assert!(engine.get(&format!("l1-{n:03}")).await.unwrap().is_some());
+        }
+    }
+    assert!(engine.len().await >= 190, "1 MiB holds them all: {}", engine.len().await);
+
+    config_tx.send(SyncEngineConfig { l1_max_bytes: 50_000, ..config.clone() }).unwrap();
+    let shrunk =
+        eventually(Duration::from_secs(10), || engine.l1_max_bytes() == 50_000 && engine.memory_bytes() <= 50_000)
+            .await;
+    assert!(shrunk, "the new capacity applies and L1 shrinks to fit: {} bytes", engine.memory_bytes());
+    for n in 0..20 {
+        assert!(engine.get(&format!("l1-{n:03}")).await.unwrap().is_some(), "hot l1-{n:03} was kept");
+    }
+    engine.shutdown().await;
 }

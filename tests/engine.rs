@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use sync_engine::storage::redis::RedisStore;
+use sync_engine::CacheStore;
 use sync_engine::{CacheTtl, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers};
 use tokio::sync::watch;
 

@@ -14,6 +14,7 @@ use common::*;
 use sqlx::{Connection, Executor};
 use sync_engine::config::Secret;
 use sync_engine::storage::sql::SqlStore;
+use sync_engine::storage::ArchiveStore;
 use sync_engine::{FilterConfig, FilterTrust, SyncEngine, SyncEngineConfig, SyncItem};
 use tokio::sync::watch;
 

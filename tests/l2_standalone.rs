@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::config::Secret;
-use sync_engine::workload::compare;
 use sync_engine::storage::redis::{L2Mode, L2Op, RedisStore};
 use sync_engine::storage::sql::HeldRow;
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
+use sync_engine::CacheStore;
 use sync_engine::{CacheTtl, Origin, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;

@@ -15,6 +15,7 @@ use sync_engine::config::Secret;
 use sync_engine::item::now_ms;
 use sync_engine::storage::redis::RedisStore;
 use sync_engine::storage::sql::SqlStore;
+use sync_engine::{ArchiveStore, CacheStore};
 use sync_engine::{EngineError, SyncEngine, SyncEngineConfig, SyncItem, Tier};
 use tokio::sync::watch;
 

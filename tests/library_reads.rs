@@ -12,6 +12,7 @@ use redis::AsyncCommands;
 use sqlx::{Connection, Executor};
 use sync_engine::config::Secret;
 use sync_engine::storage::redis::RedisStore;
+use sync_engine::CacheStore;
 use sync_engine::{
     CacheTtl, EngineError, ItemStatus, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tier, Tiers,
 };

@@ -12,6 +12,7 @@ use rdkafka::message::Headers;
 use rdkafka::{ClientConfig, Message};
 use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
+use sync_engine::{ArchiveStore, CacheStore};
 
 const PARTITIONS: i32 = 4;
 

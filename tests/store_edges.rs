@@ -16,6 +16,7 @@ use sync_engine::config::{Secret, SyncEngineConfig};
 use sync_engine::resilience::wal::{Failpoints, WalConfig, WriteAheadLog};
 use sync_engine::storage::sql::classify;
 use sync_engine::storage::StoreError;
+use sync_engine::ArchiveStore;
 use sync_engine::{CacheTtl, SettleError, SubmitOptions, SyncEngine, SyncItem, Tier, Tiers};
 use tokio::sync::watch;
 

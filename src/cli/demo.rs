@@ -1,9 +1,10 @@
 //! `sync-engine demo`: the main job on an embedded default, no services needed.
 //!
-//! An in-process Kafka (librdkafka's `MockCluster`), L3 on a SQLite file in a temp dir, no
-//! Redis. It produces a workload (updates, out-of-order versions, deletes, duplicates and a
-//! few poison records) while the real worker consumes it, then checks every id's final
-//! version and content hash in L3 against what was produced.
+//! An in-process Kafka (librdkafka's `MockCluster`), L2 in memory (`MemoryCacheStore`, no
+//! Redis), L3 on a SQLite file in a temp dir. It produces a workload (updates, out-of-order
+//! versions, deletes, duplicates and a few poison records) while the real worker consumes
+//! it, then checks every id's final version and content hash in L3 against what was
+//! produced, and that every L2 entry holds what L3 holds (invariant 6).
 //!
 //! The mock broker keeps at most 5 MiB per partition (hard-coded in librdkafka) and silently
 //! drops older records, so the producer stays at most `MAX_LEAD` records ahead of the worker.
@@ -20,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use sync_engine::config::{KafkaConfig, Secret, SyncEngineConfig};
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::kafka::worker::{self, WorkerStats};
+use sync_engine::storage::RowSummary;
 use sync_engine::workload::{compare, Workload, WorkloadSpec};
-use sync_engine::SyncEngine;
+use sync_engine::{CacheStore, MemoryCacheStore, SyncEngine};
 
 use super::progress_bar;
 
@@ -50,6 +52,8 @@ pub struct DemoSummary {
     pub dead_lettered: u64,
     pub poison_produced: u64,
     pub ids_checked: usize,
+    /// L2 entries compared with their L3 row.
+    pub l2_checked: usize,
     pub mismatches: Vec<String>,
     pub items_per_sec: f64,
 }
@@ -65,7 +69,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         wal_dir: Some(dir.path().join("wal")),
         ..SyncEngineConfig::in_memory()
     };
-    let mut engine = SyncEngine::new(engine_config.clone(), watch::channel(engine_config).1);
+    let l2 = Arc::new(MemoryCacheStore::new());
+    let mut engine =
+        SyncEngine::new(engine_config.clone(), watch::channel(engine_config).1).with_cache_store(l2.clone());
     engine.start().await?;
     let engine = Arc::new(engine);
     let kafka = KafkaConfig {
@@ -132,6 +138,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         None => Vec::new(),
     };
     engine.shutdown_within(Duration::from_secs(10)).await;
+    let mut mismatches = compare(&workload, &rows);
+    let l2_checked = l2_agrees_with_l3(&l2, &rows, &mut mismatches).await;
     // Producers first: a client outliving the mock broker logs "all brokers down".
     drop(producer);
     drop(cluster);
@@ -141,9 +149,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
         poison_produced,
         ids_checked: workload.expected().len(),
-        mismatches: compare(&workload, &rows),
+        l2_checked,
+        mismatches,
         items_per_sec: produced as f64 / elapsed,
     })
+}
+
+/// Invariant 6: an id L2 holds has exactly L3's version and content. Returns how many L2
+/// entries were compared; a disagreement is added to `mismatches`.
+async fn l2_agrees_with_l3(l2: &MemoryCacheStore, rows: &[RowSummary], mismatches: &mut Vec<String>) -> usize {
+    let mut checked = 0;
+    for row in rows {
+        let Ok(Some(stored)) = l2.get_stored(&row.id).await else { continue };
+        checked += 1;
+        let (version, hash) = (stored.item.version, stored.item.content_hash());
+        if version != row.version || hash != row.content_hash || stored.item.is_tombstone() != row.deleted {
+            mismatches.push(format!("{}: L2 holds version {version} where L3 holds {}", row.id, row.version));
+        }
+    }
+    checked
 }
 
 /// Runs the demo and prints its summary; fails unless every id holds its newest version.
@@ -152,14 +176,14 @@ pub async fn run_and_report(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let filter = std::env::var("SYNC_LOG").unwrap_or_else(|_| sync_engine::config::DEFAULT_LOG_FILTER.to_owned());
     let _ = super::run::init_logs(sync_engine::config::LogFormat::Text, &filter);
     println!(
-        "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster) and SQLite",
+        "sync-engine demo: {} items of {} bytes, embedded Kafka (MockCluster), in-memory L2 and SQLite",
         args.items, args.item_bytes
     );
     let summary = run(args).await?;
     println!("produced        {}", summary.produced);
     println!("stored          {}", summary.stored);
     println!("dead-lettered   {} (poison produced: {})", summary.dead_lettered, summary.poison_produced);
-    println!("ids checked     {}", summary.ids_checked);
+    println!("ids checked     {} (L3), {} (L2 entries against L3)", summary.ids_checked, summary.l2_checked);
     println!("mismatches      {}", summary.mismatches.len());
     println!("throughput      {:.0} items/s", summary.items_per_sec);
     for mismatch in summary.mismatches.iter().take(20) {

@@ -123,6 +123,15 @@ impl MemoryPressure {
         }
     }
 
+    /// Changes L1's byte capacity live (`SYNC_L1_MAX_BYTES`): ids not yet durable always stay.
+    pub(crate) async fn resize_l1(&self, max_bytes: u64) {
+        if self.0.l1.max_bytes() != max_bytes {
+            let pending = self.0.pending.clone();
+            self.0.l1.resize(max_bytes, |id| pending.contains(id)).await;
+            self.refresh();
+        }
+    }
+
     // Held only to read or swap two small values, never across an await.
     fn lock(&self) -> std::sync::MutexGuard<'_, (LevelBounds, BackpressureLevel)> {
         self.0.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -4,7 +4,7 @@
 //! The task, per generation of the filter:
 //!
 //! 1. **Warm-up.** `T0` = the database clock; then every id of L3, tombstones included, is
-//!    paged by key (`SqlStore::ids_after`). Every row committed before the first page's
+//!    paged by key (`ArchiveStore::ids_after`). Every row committed before the first page's
 //!    snapshot (hence before `T0` was read) is in one of the pages: ids are never removed,
 //!    and a row's place in the key order never changes.
 //! 2. **Tail.** Each poll reads the database clock `T`, then every row with
@@ -31,8 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Stores, SyncEngine};
 use crate::filter::{FilterManager, FilterStats, FilterTrust};
 use crate::item::SyncItem;
-use crate::storage::sql::SqlStore;
-use crate::storage::StoreError;
+use crate::storage::{ArchiveStore, StoreError};
 
 /// A poll that takes longer than this is abandoned (and retried): the lag keeps growing
 /// meanwhile, so reads have gone to L3 long before.
@@ -75,7 +74,7 @@ impl SyncEngine {
 
 /// Warms the filter up and tails other processes' inserts until the engine stops.
 pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
-    let (Some(filter), Some(l3)) = (stores.filter.clone(), stores.l3.as_ref()) else { return };
+    let (Some(filter), Some(l3)) = (stores.filter.clone(), stores.l3.as_deref()) else { return };
     let overlap = stores.sql_write_timeout + filter.config().commit_margin;
     let overlap_ms = i64::try_from(overlap.as_millis()).unwrap_or(i64::MAX);
     loop {
@@ -93,6 +92,12 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
                     return;
                 }
                 continue; // rebuilt meanwhile: warm the new filter up
+            }
+            Err(StoreError::Rejected(why)) => {
+                // This store cannot list its ids: the filter can never be trusted.
+                tracing::info!(%why, "no membership filter for this L3 (reads go to L3)");
+                filter.warm_up_failed(generation, why);
+                return;
             }
             Err(error) => {
                 tracing::warn!(%error, "membership filter warm-up failed, retrying (reads go to L3)");
@@ -118,11 +123,11 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
 /// page, or `None` if the filter was rebuilt (or the engine stops) meanwhile.
 async fn warm_up(
     filter: &FilterManager,
-    l3: &SqlStore,
+    l3: &dyn ArchiveStore,
     generation: u64,
     stopping: &CancellationToken,
 ) -> Result<Option<i64>, StoreError> {
-    let t0 = l3.db_now_ms().await?;
+    let t0 = l3.clock_ms().await?;
     let page = filter.config().page_ids;
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -141,7 +146,7 @@ async fn warm_up(
 /// Polls until the engine stops (true) or the filter is rebuilt (false).
 async fn tail(
     filter: &FilterManager,
-    l3: &SqlStore,
+    l3: &dyn ArchiveStore,
     generation: u64,
     mut since: i64,
     overlap_ms: i64,
@@ -180,8 +185,8 @@ async fn tail(
 }
 
 /// One poll: the database clock, then every row created since `since`. Returns the clock.
-async fn poll(filter: &FilterManager, l3: &SqlStore, since: i64) -> Result<i64, StoreError> {
-    let now = l3.db_now_ms().await?;
+async fn poll(filter: &FilterManager, l3: &dyn ArchiveStore, since: i64) -> Result<i64, StoreError> {
+    let now = l3.clock_ms().await?;
     let page = filter.config().page_ids;
     let mut after: Option<(i64, Vec<u8>)> = None;
     loop {

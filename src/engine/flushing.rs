@@ -31,7 +31,8 @@ use crate::item::SyncItem;
 use crate::metrics::{self as m, LatencyTimer};
 use crate::resilience::retry::{Backoff, RetryConfig};
 use crate::storage::redis::L2Op;
-use crate::storage::sql::{HeldRows, SqlStore};
+use crate::storage::sql::HeldRows;
+use crate::storage::ArchiveStore;
 use crate::storage::StoreError;
 
 /// Batches written to L3 at once, and batches updating the caches at once. The stores'
@@ -211,14 +212,14 @@ async fn write_l3(stores: &Stores, to_l3: &[(usize, &Pending)], aborting: &Cance
         })
         .copied()
         .collect();
-    let mut outcome = write_l3_accepted(stores, l3, &accepted, aborting).await;
+    let mut outcome = write_l3_accepted(stores, l3.as_ref(), &accepted, aborting).await;
     outcome.unsettled.extend(refused);
     outcome
 }
 
 async fn write_l3_accepted(
     stores: &Stores,
-    l3: &SqlStore,
+    l3: &dyn ArchiveStore,
     to_l3: &[(usize, &Pending)],
     aborting: &CancellationToken,
 ) -> L3Outcome {

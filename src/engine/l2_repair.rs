@@ -90,7 +90,7 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
         while !wal_pending && stores.l2_dirty.len() > 0 && !stopping.is_cancelled() {
             let (ids, overflowed) = stores.l2_dirty.take(REPAIR_CHUNK);
             let taken = ids.len();
-            match repair(&stores, l2, ids, overflowed).await {
+            match repair(&stores, l2.as_ref(), ids, overflowed).await {
                 Ok(()) => metrics::counter!(m::L2_REPAIRED_IDS).increment(taken as u64),
                 Err((error, unrepaired)) => {
                     tracing::warn!(%error, unrepaired = unrepaired.len(), of = taken, "L2 repair incomplete, will retry");
@@ -106,7 +106,7 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
 /// Repairs what it can; on failure returns the error and the ids still to repair.
 async fn repair(
     stores: &Stores,
-    l2: &crate::storage::redis::RedisStore,
+    l2: &dyn crate::storage::CacheStore,
     ids: Vec<String>,
     overflowed: bool,
 ) -> Result<(), (String, Vec<String>)> {

@@ -26,8 +26,8 @@ mod flushing;
 mod l2_repair;
 mod pending;
 mod prefix;
-mod reconfigure;
 mod reads;
+mod reconfigure;
 mod state;
 mod wal_drain;
 
@@ -52,7 +52,7 @@ use crate::pressure::BackpressureLevel;
 use crate::resilience::circuit_breaker::BackendCircuits;
 use crate::storage::redis::RedisStore;
 use crate::storage::sql::SqlStore;
-use crate::storage::StoreError;
+use crate::storage::{ArchiveStore, CacheStore, StoreError};
 
 /// The tier that made an item durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,8 +171,8 @@ pub struct BackendState {
 pub(crate) struct Stores {
     /// L1, so that flushes and the WAL drain can drop entries L3 refused.
     pub l1: L1Cache,
-    pub l2: Option<RedisStore>,
-    pub l3: Option<SqlStore>,
+    pub l2: Option<Arc<dyn CacheStore>>,
+    pub l3: Option<Arc<dyn ArchiveStore>>,
     pub wal: Option<wal_drain::SharedWal>,
     /// Ids whose L2 write failed: repaired from L3 when Redis answers.
     pub l2_dirty: l2_repair::DirtyIds,
@@ -199,6 +199,10 @@ pub struct SyncEngine {
     pending: pending::PendingIds,
     pressure: MemoryPressure,
     stores: Option<Arc<Stores>>,
+    /// Stores handed in before `start` (`with_cache_store`, `with_archive_store`), used
+    /// instead of connecting to `redis_url`/`sql_url`.
+    given_l2: Option<Arc<dyn CacheStore>>,
+    given_l3: Option<Arc<dyn ArchiveStore>>,
     queue_tx: Option<mpsc::Sender<Queued>>,
     /// Graceful stop: close the queue, flush, finish.
     stopping: CancellationToken,
@@ -224,6 +228,8 @@ impl SyncEngine {
             config,
             config_rx,
             stores: None,
+            given_l2: None,
+            given_l3: None,
             queue_tx: None,
             stopping: CancellationToken::new(),
             aborting: CancellationToken::new(),
@@ -231,6 +237,20 @@ impl SyncEngine {
             late_rejections: std::sync::Mutex::new(None),
             state: state::StateCell::new(),
         }
+    }
+
+    /// Uses this store as L2 instead of connecting to the configured Redis: a
+    /// `storage::memory::MemoryCacheStore`, or any other `CacheStore`.
+    pub fn with_cache_store(mut self, store: Arc<dyn CacheStore>) -> SyncEngine {
+        self.given_l2 = Some(store);
+        self
+    }
+
+    /// Uses this store as L3 instead of connecting to the configured SQL database: a
+    /// `storage::memory::MemoryArchiveStore`, or any other `ArchiveStore`.
+    pub fn with_archive_store(mut self, store: Arc<dyn ArchiveStore>) -> SyncEngine {
+        self.given_l3 = Some(store);
+        self
     }
 
     /// Where the engine is in its life (see `EngineState`).
@@ -255,11 +275,15 @@ impl SyncEngine {
     async fn connect_and_spawn(&mut self) -> Result<(), EngineError> {
         self.config.backpressure.validate().map_err(EngineError::InvalidConfig)?;
         let urls = self.config.redis_urls();
-        let l2 =
-            if urls.is_empty() { None } else { Some(RedisStore::connect(&urls, &self.config.redis_prefix).await?) };
-        let l3 = match &self.config.sql_url {
-            Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
-            None => None,
+        let l2: Option<Arc<dyn CacheStore>> = match &self.given_l2 {
+            Some(store) => Some(store.clone()),
+            None if urls.is_empty() => None,
+            None => Some(Arc::new(RedisStore::connect(&urls, &self.config.redis_prefix).await?)),
+        };
+        let l3: Option<Arc<dyn ArchiveStore>> = match (&self.given_l3, &self.config.sql_url) {
+            (Some(store), _) => Some(store.clone()),
+            (None, Some(url)) => Some(Arc::new(SqlStore::connect(url.expose(), &self.config.sql_table).await?)),
+            (None, None) => None,
         };
         let wal = match (&l3, &self.config.wal_dir) {
             (Some(_), Some(dir)) => {
@@ -303,7 +327,12 @@ impl SyncEngine {
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(filter_task::run(stores.clone(), self.stopping.clone()));
-        self.tasks.spawn(reconfigure::run(stores.clone(), self.pressure.clone(), self.config_rx.clone(), self.stopping.clone()));
+        self.tasks.spawn(reconfigure::run(
+            stores.clone(),
+            self.pressure.clone(),
+            self.config_rx.clone(),
+            self.stopping.clone(),
+        ));
         self.tasks.spawn(backpressure::run_relief(self.pressure.clone(), self.stopping.clone()));
         self.tasks.close();
         self.stores = Some(stores);
@@ -359,6 +388,11 @@ impl SyncEngine {
     /// Kafka worker's records in flight.
     pub fn memory_bytes(&self) -> u64 {
         self.pressure.bytes()
+    }
+
+    /// L1's byte capacity now in force (`l1_max_bytes`, which changes live).
+    pub fn l1_max_bytes(&self) -> u64 {
+        self.l1.max_bytes()
     }
 
     /// The pressure handle, shared with the Kafka consumer thread.
@@ -549,8 +583,13 @@ impl SyncEngine {
         self.state.set(EngineState::Stopped);
     }
 
-    /// The SQL tier, for verification tools.
-    pub fn l3(&self) -> Option<&SqlStore> {
-        self.stores.as_ref().and_then(|stores| stores.l3.as_ref())
+    /// L3, for verification tools.
+    pub fn l3(&self) -> Option<&dyn ArchiveStore> {
+        self.stores.as_ref().and_then(|stores| stores.l3.as_deref())
+    }
+
+    /// L2, for verification tools.
+    pub fn l2(&self) -> Option<&dyn CacheStore> {
+        self.stores.as_ref().and_then(|stores| stores.l2.as_deref())
     }
 }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use super::{EngineError, SyncEngine};
 use crate::item::SyncItem;
-use crate::storage::sql::{Selection, SqlStore};
+use crate::storage::sql::Selection;
+use crate::storage::ArchiveStore;
 
 /// Ids `delete_prefix` reads and deletes per round: one L3 page, one batch of tombstones.
 pub const DELETE_PAGE_IDS: usize = 1000;
@@ -46,9 +47,9 @@ fn state_argument(state: &str) -> Result<&str, EngineError> {
 }
 
 impl SyncEngine {
-    fn l3_for(&self, call: &'static str) -> Result<&SqlStore, EngineError> {
+    fn l3_for(&self, call: &'static str) -> Result<&dyn ArchiveStore, EngineError> {
         let stores = self.stores.as_ref().ok_or(EngineError::NotStarted)?;
-        stores.l3.as_ref().ok_or(EngineError::NeedsL3(call))
+        stores.l3.as_deref().ok_or(EngineError::NeedsL3(call))
     }
 
     /// The first `limit` live items whose id is `prefix` or starts with `prefix.`, ordered

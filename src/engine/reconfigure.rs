@@ -1,8 +1,8 @@
 //! The reconfigure task: applies live settings that arrive on the engine's `watch` receiver.
 //!
 //! Batch limits are re-read by the batch task for every batch; this task applies the rest:
-//! the default L2 TTL (for items written from now on) and the memory budget (the levels are
-//! recomputed against it at once). Settings that shape connections (URLs,
+//! the default L2 TTL (for items written from now on), the memory budget (the levels are
+//! recomputed against it at once) and L1's byte capacity (a new moka cache, `L1Cache::resize`). Settings that shape connections (URLs,
 //! table, prefix, WAL directory, breaker thresholds) are read once at `start` and need a new
 //! engine.
 
@@ -29,14 +29,15 @@ pub(super) async fn run(
                     return; // the sender is gone: no more updates
                 }
                 let config = config_rx.borrow_and_update().clone();
-                apply(&stores, &pressure, &config);
+                apply(&stores, &pressure, &config).await;
             }
         }
     }
 }
 
-fn apply(stores: &Stores, pressure: &MemoryPressure, config: &SyncEngineConfig) {
+async fn apply(stores: &Stores, pressure: &MemoryPressure, config: &SyncEngineConfig) {
     pressure.set_budget(config.memory_budget_bytes);
+    pressure.resize_l1(config.l1_max_bytes).await;
     pressure.refresh();
     let ttl = config.redis_ttl_secs.min(crate::decode::MAX_TTL_SECS);
     if stores.redis_ttl_secs.swap(ttl, Ordering::Relaxed) != ttl {

@@ -27,7 +27,8 @@ use crate::metrics as m;
 use crate::resilience::circuit_breaker::CircuitError;
 use crate::resilience::wal::{Failpoints, RecoveryReport, Scanned, SegmentReader, WalConfig, WalError, WriteAheadLog};
 use crate::storage::redis::L2Op;
-use crate::storage::sql::{HeldRows, SqlStore};
+use crate::storage::sql::HeldRows;
+use crate::storage::ArchiveStore;
 use crate::storage::StoreError;
 
 /// Retries of a replayed frame that lost a lock race (deadlock, lock-wait timeout).
@@ -152,7 +153,7 @@ async fn drain(stores: &Stores, wal: &SharedWal, stopping: &CancellationToken) -
             match scanned {
                 Scanned::Batch(items) => {
                     let refs: Vec<&SyncItem> = items.iter().collect();
-                    let held = write_frame(stores, l3, &refs).await?;
+                    let held = write_frame(stores, l3.as_ref(), &refs).await?;
                     caches_follow_drained(stores, &refs, &held).await;
                     drained += items.len() as u64;
                     metrics::counter!(m::WAL_DRAINED_ITEMS).increment(items.len() as u64);
@@ -188,7 +189,7 @@ async fn drain(stores: &Stores, wal: &SharedWal, stopping: &CancellationToken) -
 /// written item by item in its original order (so an older valid version still lands), and
 /// each item L3 rejects is reported instead of blocking the drain. Lost lock races are retried
 /// here: they say nothing about L3's health.
-async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+async fn write_frame(stores: &Stores, l3: &dyn ArchiveStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
     // Into the membership filter before L3 can hold them (a restart's filter is empty).
     super::filter_task::note_l3_write(stores, items);
     let newest = newest_per_id(items);
@@ -210,7 +211,11 @@ async fn write_frame(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Res
 }
 
 /// One L3 write, retried a few times when it loses a lock race.
-async fn write_with_retries(stores: &Stores, l3: &SqlStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+async fn write_with_retries(
+    stores: &Stores,
+    l3: &dyn ArchiveStore,
+    items: &[&SyncItem],
+) -> Result<HeldRows, StoreError> {
     let mut attempt = 0;
     loop {
         match l3.write_batch(items, stores.sql_write_timeout).await {

@@ -1,6 +1,9 @@
 //! The storage tiers behind L1: L2 (a Redis Cluster or a standalone Redis, `redis.rs`) and L3 (MySQL or SQLite,
-//! `sql.rs`). Library types stop here: the rest of the crate sees `SyncItem`s and `StoreError`.
+//! `sql.rs`), each playing a role the engine holds as a trait (`traits.rs`: `CacheStore`,
+//! `ArchiveStore`), plus in-memory stores for both roles (`memory.rs`). Library types stop
+//! here: the rest of the crate sees `SyncItem`s and `StoreError`.
 
+pub mod memory;
 pub mod redis;
 mod redis_cluster;
 mod redis_slots;
@@ -8,6 +11,9 @@ mod redis_standalone;
 pub mod sql;
 mod sql_mysql;
 mod sql_sqlite;
+mod traits;
+
+pub use traits::{ArchiveStore, CacheStore, StoreFuture};
 
 use crate::item::SyncItem;
 

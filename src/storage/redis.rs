@@ -25,7 +25,7 @@ use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::redis_cluster::ClusterL2;
 use crate::storage::redis_standalone::StandaloneL2;
 use crate::storage::sql::HeldRow;
-use crate::storage::{StoreError, Stored};
+use crate::storage::{CacheStore, StoreError, StoreFuture, Stored};
 
 /// The least time between two reconnects.
 pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(3);
@@ -176,101 +176,100 @@ impl RedisStore {
     pub fn key(&self, id: &str) -> String {
         self.commands.key(id)
     }
+}
 
-    /// Writes each `(item, ttl_secs)`; 0 = no expiry. Returns the ids that failed.
-    pub async fn write_batch(&self, items: &[(&SyncItem, u64)]) -> Vec<(String, StoreError)> {
-        let ops: Vec<L2Op> = items.iter().map(|(item, ttl)| L2Op::Write(item, *ttl)).collect();
-        self.apply(&ops).await
-    }
-
-    /// Applies each change, pipelined. Returns the ids that failed.
-    pub async fn apply(&self, ops: &[L2Op<'_>]) -> Vec<(String, StoreError)> {
-        if ops.is_empty() {
-            return Vec::new();
-        }
-        match &self.backend {
-            Backend::Cluster(cluster) => cluster.apply(&self.commands, ops).await,
-            Backend::Standalone(standalone) => standalone.apply(&self.commands, ops).await,
+impl CacheStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        match self.mode() {
+            L2Mode::Cluster => "redis-cluster",
+            L2Mode::Standalone => "redis-standalone",
         }
     }
 
-    /// Deletes these ids' keys (reads then fall through to L3).
-    pub async fn invalidate(&self, ids: &[&str]) -> Result<(), StoreError> {
-        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
-        if keys.is_empty() {
-            return Ok(());
-        }
-        match &self.backend {
-            Backend::Cluster(cluster) => cluster.delete(&keys).await,
-            Backend::Standalone(standalone) => standalone.delete(&keys).await,
-        }
+    /// Pipelined: one pipeline per Cluster master, one in all on a standalone server.
+    fn apply<'a>(&'a self, ops: &'a [L2Op<'a>]) -> StoreFuture<'a, Vec<(String, StoreError)>> {
+        Box::pin(async move {
+            if ops.is_empty() {
+                return Vec::new();
+            }
+            match &self.backend {
+                Backend::Cluster(cluster) => cluster.apply(&self.commands, ops).await,
+                Backend::Standalone(standalone) => standalone.apply(&self.commands, ops).await,
+            }
+        })
     }
 
-    /// Deletes every key under the prefix (on every master of a Cluster); returns how many.
-    pub async fn invalidate_prefix(&self) -> Result<u64, StoreError> {
-        let pattern = format!("{}*", self.commands.prefix.replace('*', "\\*").replace('?', "\\?"));
-        match &self.backend {
-            Backend::Cluster(cluster) => cluster.delete_matching(&pattern).await,
-            Backend::Standalone(standalone) => standalone.delete_matching(&pattern).await,
-        }
+    fn invalidate<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            match &self.backend {
+                Backend::Cluster(cluster) => cluster.delete(&keys).await,
+                Backend::Standalone(standalone) => standalone.delete(&keys).await,
+            }
+        })
     }
 
-    /// The stored item; a tombstone comes back with `content: None`.
-    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
-        let key = self.key(id);
-        let fields = match &self.backend {
-            Backend::Cluster(cluster) => cluster.hash(&key).await?,
-            Backend::Standalone(standalone) => standalone.hash(&key).await?,
-        };
-        Ok(item_from_fields(id, &fields))
+    /// Every key under the prefix, on every master of a Cluster.
+    fn invalidate_prefix(&self) -> StoreFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let pattern = format!("{}*", self.commands.prefix.replace('*', "\\*").replace('?', "\\?"));
+            match &self.backend {
+                Backend::Cluster(cluster) => cluster.delete_matching(&pattern).await,
+                Backend::Standalone(standalone) => standalone.delete_matching(&pattern).await,
+            }
+        })
     }
 
-    /// The stored items of these ids (tombstones included), by id. An id whose key L2 could
-    /// not read is left out, as if missing: the caller reads it from L3 (invariant 6 makes
-    /// that the same answer).
-    /// One pipeline per Redis node (one in all on a standalone server).
-    pub async fn get_many(&self, ids: &[&str]) -> HashMap<String, Stored> {
-        if ids.is_empty() {
-            return HashMap::new();
-        }
-        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
-        let replies = match &self.backend {
-            Backend::Cluster(cluster) => cluster.hashes(&keys).await,
-            Backend::Standalone(standalone) => standalone.hashes(&keys).await,
-        };
-        let failed = replies.iter().filter(|reply| reply.is_none()).count();
-        if failed > 0 {
-            tracing::warn!(failed, "L2 could not read some ids, reading them from L3");
-        }
-        ids.iter()
-            .zip(replies)
-            .filter_map(|(id, fields)| Some(((*id).to_owned(), stored_from_fields(id, &fields?)?)))
-            .collect()
+    /// `h` is `None` for an entry written before L2 stored hashes.
+    fn get_stored<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<Stored>, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(id);
+            let fields = match &self.backend {
+                Backend::Cluster(cluster) => cluster.hash(&key).await?,
+                Backend::Standalone(standalone) => standalone.hash(&key).await?,
+            };
+            Ok(stored_from_fields(id, &fields))
+        })
     }
 
-    /// The stored item with the hash stored beside it (`h`; `None` for an entry written
-    /// before L2 stored hashes).
-    pub async fn get_stored(&self, id: &str) -> Result<Option<Stored>, StoreError> {
-        let key = self.key(id);
-        let fields = match &self.backend {
-            Backend::Cluster(cluster) => cluster.hash(&key).await?,
-            Backend::Standalone(standalone) => standalone.hash(&key).await?,
-        };
-        Ok(stored_from_fields(id, &fields))
+    /// One pipeline per Redis node (one in all on a standalone server). An id whose key L2
+    /// could not read is left out: invariant 6 makes L3's answer the same.
+    fn get_many<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, HashMap<String, Stored>> {
+        Box::pin(async move {
+            if ids.is_empty() {
+                return HashMap::new();
+            }
+            let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+            let replies = match &self.backend {
+                Backend::Cluster(cluster) => cluster.hashes(&keys).await,
+                Backend::Standalone(standalone) => standalone.hashes(&keys).await,
+            };
+            let failed = replies.iter().filter(|reply| reply.is_none()).count();
+            if failed > 0 {
+                tracing::warn!(failed, "L2 could not read some ids, reading them from L3");
+            }
+            ids.iter()
+                .zip(replies)
+                .filter_map(|(id, fields)| Some(((*id).to_owned(), stored_from_fields(id, &fields?)?)))
+                .collect()
+        })
     }
 
-    /// Whether the id has an entry, without its content: `Some(true)` live, `Some(false)` a
-    /// tombstone, `None` no entry.
-    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
-        let key = self.key(id);
-        let fields = match &self.backend {
-            Backend::Cluster(cluster) => cluster.fields(&key, &["v", "d"]).await?,
-            Backend::Standalone(standalone) => standalone.fields(&key, &["v", "d"]).await?,
-        };
-        // No version, no entry: the guarded write always sets `v` (and `d`).
-        Ok(match fields.as_slice() {
-            [Some(_), deleted] => Some(deleted.as_deref() != Some(b"1")),
-            _ => None,
+    fn live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<bool>, StoreError>> {
+        Box::pin(async move {
+            let key = self.key(id);
+            let fields = match &self.backend {
+                Backend::Cluster(cluster) => cluster.fields(&key, &["v", "d"]).await?,
+                Backend::Standalone(standalone) => standalone.fields(&key, &["v", "d"]).await?,
+            };
+            // No version, no entry: the guarded write always sets `v` (and `d`).
+            Ok(match fields.as_slice() {
+                [Some(_), deleted] => Some(deleted.as_deref() != Some(b"1")),
+                _ => None,
+            })
         })
     }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::item::{ContentType, Origin, SyncItem};
-use crate::storage::{sql_mysql, sql_sqlite, RowSummary, StoreError, Stored};
+use crate::storage::{sql_mysql, sql_sqlite, ArchiveStore, RowSummary, StoreError, StoreFuture, Stored};
 
 /// Rows per statement, largest first; a batch is cut greedily into these sizes.
 pub const CHUNK_SIZES: [usize; 4] = [1000, 100, 10, 1];
@@ -152,81 +152,87 @@ impl SqlStore {
         };
         Ok(store)
     }
+}
 
-    /// Writes a batch in one transaction, within `timeout`, and returns what each id holds
-    /// afterwards. Items must be deduplicated by id by the caller.
-    pub async fn write_batch(&self, items: &[&SyncItem], timeout: Duration) -> Result<HeldRows, StoreError> {
-        let write = async {
-            match self {
-                SqlStore::MySql(store) => store.write_batch(items).await,
-                SqlStore::Sqlite(store) => store.write_batch(items).await,
-            }
-        };
-        // Dropping the write rolls its transaction back; if the commit itself was already
-        // sent, it may still land, which the version guard makes harmless on replay.
-        match tokio::time::timeout(timeout, write).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!("L3 write timed out after {} ms", timeout.as_millis()))),
+impl ArchiveStore for SqlStore {
+    fn kind(&self) -> &'static str {
+        match self {
+            SqlStore::MySql(_) => "mysql",
+            SqlStore::Sqlite(_) => "sqlite",
         }
     }
 
-    /// Why L3 would refuse this item for what it is, without asking the server: larger than
-    /// one statement may be (MySQL), or a version above 2^63-1 (SQLite).
-    pub fn refuses(&self, item: &SyncItem) -> Option<String> {
+    /// One transaction. Dropping the write on timeout rolls it back; if the commit itself was
+    /// already sent, it may still land, which the version guard makes harmless on replay.
+    fn write_batch<'a>(
+        &'a self,
+        items: &'a [&'a SyncItem],
+        timeout: Duration,
+    ) -> StoreFuture<'a, Result<HeldRows, StoreError>> {
+        Box::pin(async move {
+            let write = async {
+                match self {
+                    SqlStore::MySql(store) => store.write_batch(items).await,
+                    SqlStore::Sqlite(store) => store.write_batch(items).await,
+                }
+            };
+            match tokio::time::timeout(timeout, write).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!("L3 write timed out after {} ms", timeout.as_millis()))),
+            }
+        })
+    }
+
+    /// Larger than one statement may be (MySQL), or a version above 2^63-1 (SQLite).
+    fn refuses(&self, item: &SyncItem) -> Option<String> {
         match self {
             SqlStore::MySql(store) => store.refuses(item),
             SqlStore::Sqlite(_) => sql_sqlite::refuses(item),
         }
     }
 
-    /// The largest single item L3 can take in one statement (MySQL's `max_allowed_packet`
-    /// less room for the rest of the row); `None` when unbounded.
-    pub fn max_item_bytes(&self) -> Option<u64> {
+    /// MySQL's `max_allowed_packet` less room for the rest of the row; SQLite: unbounded.
+    fn max_item_bytes(&self) -> Option<u64> {
         match self {
             SqlStore::MySql(store) => Some(store.max_item_bytes()),
             SqlStore::Sqlite(_) => None,
         }
     }
 
-    /// The stored item (a tombstone comes back with `content: None`).
-    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
-        match self {
-            SqlStore::MySql(store) => store.get(id).await,
-            SqlStore::Sqlite(store) => store.get(id).await,
-        }
+    fn get<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<SyncItem>, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.get(id).await,
+                SqlStore::Sqlite(store) => store.get(id).await,
+            }
+        })
     }
 
-    /// The stored items (tombstones included) of these ids, with the hash each row holds: one
-    /// statement per `READ_CHUNK_IDS` ids. Ids without a row are simply absent.
-    pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<Stored>, StoreError> {
-        let mut stored = Vec::with_capacity(ids.len());
-        for chunk in read_chunks(ids) {
-            let rows = match self {
-                SqlStore::MySql(store) => store.stored_in(&chunk).await?,
-                SqlStore::Sqlite(store) => store.stored_in(&chunk).await?,
-            };
-            stored.extend(rows);
-        }
-        Ok(stored)
+    /// One statement per `READ_CHUNK_IDS` ids.
+    fn get_many<'a>(&'a self, ids: &'a [&'a str]) -> StoreFuture<'a, Result<Vec<Stored>, StoreError>> {
+        Box::pin(async move {
+            let mut stored = Vec::with_capacity(ids.len());
+            for chunk in read_chunks(ids) {
+                let rows = match self {
+                    SqlStore::MySql(store) => store.stored_in(&chunk).await?,
+                    SqlStore::Sqlite(store) => store.stored_in(&chunk).await?,
+                };
+                stored.extend(rows);
+            }
+            Ok(stored)
+        })
     }
 
-    /// The stored item with its row's hash (a tombstone comes back with `content: None`).
-    pub async fn get_stored(&self, id: &str) -> Result<Option<Stored>, StoreError> {
-        Ok(self.get_many(&[id]).await?.pop())
+    fn live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<bool>, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.live(id).await,
+                SqlStore::Sqlite(store) => store.live(id).await,
+            }
+        })
     }
 
-    /// Whether the id has a row, without its content: `Some(true)` live, `Some(false)` a
-    /// tombstone, `None` no row.
-    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
-        match self {
-            SqlStore::MySql(store) => store.live(id).await,
-            SqlStore::Sqlite(store) => store.live(id).await,
-        }
-    }
-
-    /// How many `SELECT`s the multi-id and liveness reads have sent since connect: lets tests
-    /// check that `get_many` is chunked, without timing anything.
-    pub fn read_statements(&self) -> u64 {
+    fn read_statements(&self) -> u64 {
         let counter = match self {
             SqlStore::MySql(store) => &store.read_statements,
             SqlStore::Sqlite(store) => &store.read_statements,
@@ -234,104 +240,108 @@ impl SqlStore {
         counter.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The live items a selection holds with an id above `after` (all when `None`), ordered by
-    /// id, at most `limit`: one statement. Page on with the last id as the next `after`.
-    pub async fn scan(
-        &self,
-        selection: Selection<'_>,
-        after: Option<&str>,
+    fn scan<'a>(
+        &'a self,
+        selection: Selection<'a>,
+        after: Option<&'a str>,
         limit: usize,
-    ) -> Result<Vec<SyncItem>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        match self {
-            SqlStore::MySql(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
-            SqlStore::Sqlite(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
-        }
+    ) -> StoreFuture<'a, Result<Vec<SyncItem>, StoreError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            match self {
+                SqlStore::MySql(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
+                SqlStore::Sqlite(store) => store.scan(&selection, after.unwrap_or_default(), limit).await,
+            }
+        })
     }
 
-    /// Like `scan`, only the ids.
-    pub async fn scan_ids(
-        &self,
-        selection: Selection<'_>,
-        after: Option<&str>,
+    fn scan_ids<'a>(
+        &'a self,
+        selection: Selection<'a>,
+        after: Option<&'a str>,
         limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        match self {
-            SqlStore::MySql(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
-            SqlStore::Sqlite(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
-        }
+    ) -> StoreFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            match self {
+                SqlStore::MySql(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+                SqlStore::Sqlite(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+            }
+        })
     }
 
-    /// Every id L3 has a row for (tombstones included) above `after` (all when `None`),
-    /// ordered by id, at most `limit`: one keyset-paged statement (`WHERE id > ? ORDER BY id
-    /// LIMIT ?`, never `OFFSET`). The membership filter's warm-up pages L3 with it. Ids are
-    /// the stored bytes, so the next page's `after` is exact even for a row whose id is not
-    /// UTF-8 (written by hand: such an id would otherwise make the pages skip others).
-    pub async fn ids_after(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
-        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        let after = after.unwrap_or_default();
-        match self {
-            SqlStore::MySql(store) => store.ids_after(after, limit).await,
-            SqlStore::Sqlite(store) => store.ids_after(after, limit).await,
-        }
+    fn ids_after<'a>(
+        &'a self,
+        after: Option<&'a [u8]>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+            let after = after.unwrap_or_default();
+            match self {
+                SqlStore::MySql(store) => store.ids_after(after, limit).await,
+                SqlStore::Sqlite(store) => store.ids_after(after, limit).await,
+            }
+        })
     }
 
-    /// The database's clock, in ms since the epoch: the clock that stamps `created_at_ms`.
-    pub async fn db_now_ms(&self) -> Result<i64, StoreError> {
-        match self {
-            SqlStore::MySql(store) => store.db_now_ms().await,
-            SqlStore::Sqlite(store) => store.db_now_ms().await,
-        }
+    fn clock_ms(&self) -> StoreFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.db_now_ms().await,
+                SqlStore::Sqlite(store) => store.db_now_ms().await,
+            }
+        })
     }
 
-    /// Ids of rows first inserted at `created_at_ms >= since`, after the key `after`
-    /// (`(created_at_ms, id)`; from the start when `None`), ordered by that key, at most
-    /// `limit`, with their `created_at_ms`: one statement on the `created_at_ms` index. The
-    /// membership filter's tail reads what other processes inserted with it. Ids are the
-    /// stored bytes (see `ids_after`).
-    pub async fn ids_created_since(
-        &self,
+    fn ids_created_since<'a>(
+        &'a self,
         since: i64,
-        after: Option<(i64, &[u8])>,
+        after: Option<(i64, &'a [u8])>,
         limit: usize,
-    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        // `id > ''` holds for every valid id (1..=255 bytes).
-        let (from, after_id) = after.unwrap_or((since, b""));
-        match self {
-            SqlStore::MySql(store) => store.ids_created_since(since, from, after_id, limit).await,
-            SqlStore::Sqlite(store) => store.ids_created_since(since, from, after_id, limit).await,
-        }
+    ) -> StoreFuture<'a, Result<Vec<(i64, Vec<u8>)>, StoreError>> {
+        Box::pin(async move {
+            let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+            // `id > ''` holds for every valid id (1..=255 bytes).
+            let (from, after_id) = after.unwrap_or((since, b""));
+            match self {
+                SqlStore::MySql(store) => store.ids_created_since(since, from, after_id, limit).await,
+                SqlStore::Sqlite(store) => store.ids_created_since(since, from, after_id, limit).await,
+            }
+        })
     }
 
-    /// How many live items a selection holds.
-    pub async fn count(&self, selection: Selection<'_>) -> Result<u64, StoreError> {
-        match self {
-            SqlStore::MySql(store) => store.count(&selection).await,
-            SqlStore::Sqlite(store) => store.count(&selection).await,
-        }
+    fn count<'a>(&'a self, selection: Selection<'a>) -> StoreFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.count(&selection).await,
+                SqlStore::Sqlite(store) => store.count(&selection).await,
+            }
+        })
     }
 
-    /// Every row's id, version, hash and tombstone flag (verification and the demo's check).
-    pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
-        match self {
-            SqlStore::MySql(store) => store.summaries().await,
-            SqlStore::Sqlite(store) => store.summaries().await,
-        }
+    fn summaries(&self) -> StoreFuture<'_, Result<Vec<RowSummary>, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.summaries().await,
+                SqlStore::Sqlite(store) => store.summaries().await,
+            }
+        })
     }
 
-    pub async fn close(&self) {
-        match self {
-            SqlStore::MySql(store) => store.close().await,
-            SqlStore::Sqlite(store) => store.close().await,
-        }
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.close().await,
+                SqlStore::Sqlite(store) => store.close().await,
+            }
+        })
     }
 }
 

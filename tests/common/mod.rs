@@ -21,6 +21,7 @@ use sync_engine::kafka::worker::{self, WorkerStats};
 use sync_engine::storage::sql::SqlStore;
 use sync_engine::storage::RowSummary;
 use sync_engine::workload::{Workload, WorkloadSpec};
+use sync_engine::ArchiveStore;
 use sync_engine::SyncEngine;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
