@@ -189,8 +189,15 @@ async fn a_redis_cluster_keeps_the_contract() {
     cache_contract(&RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap()).await;
 }
 
+/// The membership filter tails L3 every 20 ms and is trusted while its last poll started
+/// within 200 ms: a row written to L3 behind the engine's back is found after that bound.
 fn memory_engine_config(wal_dir: Option<std::path::PathBuf>) -> sync_engine::SyncEngineConfig {
-    sync_engine::SyncEngineConfig { wal_dir, ..Default::default() }
+    let filter = sync_engine::FilterConfig {
+        poll_interval: Duration::from_millis(20),
+        lag_bound: Duration::from_millis(200),
+        ..Default::default()
+    };
+    sync_engine::SyncEngineConfig { wal_dir, filter, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,6 +205,7 @@ async fn an_engine_on_in_memory_stores_reads_through_and_fills_the_faster_tiers(
     let l2 = Arc::new(MemoryCacheStore::new());
     let l3 = Arc::new(MemoryArchiveStore::new());
     let config = memory_engine_config(None);
+    let lag_bound = config.filter.lag_bound;
     let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1)
         .with_cache_store(l2.clone())
         .with_archive_store(l3.clone());
@@ -209,6 +217,10 @@ async fn an_engine_on_in_memory_stores_reads_through_and_fills_the_faster_tiers(
 
     // Written to L3 behind the engine's back: a read misses L1 and L2, finds L3, fills L2.
     l3.write_batch(&[&item("m.2", 7, "seven")], TIMEOUT).await.unwrap();
+    // Another writer's insert is guaranteed to be seen once the filter's lag bound has passed
+    // (README, Membership filter); before that the trusted filter may answer "not in L3".
+    tokio::time::sleep(lag_bound + Duration::from_millis(50)).await;
+    assert_eq!(engine.filter_trust(), Some(sync_engine::FilterTrust::Trusted), "the filter tails the memory archive");
     let read = engine.get("m.2").await.unwrap().expect("found in L3");
     assert_eq!(read.version, 7);
     assert_eq!(l2.get("m.2").await.unwrap().map(|item| item.version), Some(7), "the L3 hit filled L2");
