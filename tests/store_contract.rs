@@ -148,6 +148,51 @@ async fn cache_contract(store: &dyn CacheStore) {
 async fn archive_contract(store: &dyn ArchiveStore) {
     archive_guards_versions(store).await;
     archive_reads_and_selects(store).await;
+    archive_lists_ids_for_the_filter(store).await;
+}
+
+/// What the membership filter reads: every id (tombstones too) in byte order by keyset pages,
+/// and the ids inserted since a clock reading, whose stamp a later update keeps.
+async fn archive_lists_ids_for_the_filter(store: &dyn ArchiveStore) {
+    let before = store.clock_ms().await.unwrap();
+    let written = [item("f.b", 1, "b"), item("f.a", 1, "a"), SyncItem::tombstone("f.c", 2)];
+    store.write_batch(&written.iter().collect::<Vec<_>>(), TIMEOUT).await.unwrap();
+    let mut all = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.ids_after(after.as_deref(), 2).await.unwrap();
+        all.extend(page.iter().cloned());
+        if page.len() < 2 {
+            break;
+        }
+        after = page.last().cloned();
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(all, sorted, "pages in byte order, no id twice");
+    for id in ["f.a", "f.b", "f.c"] {
+        assert!(all.contains(&id.as_bytes().to_vec()), "{id} listed (tombstones too)");
+    }
+    // Created since `before` (less a second: the clock may round), in (stamp, id) order, paged.
+    let since = before - 1_000;
+    let first = store.ids_created_since(since, None, 2).await.unwrap();
+    let rest = store.ids_created_since(since, first.last().map(|(at, id)| (*at, id.as_slice())), 100).await.unwrap();
+    let created: Vec<&[u8]> = first.iter().chain(&rest).map(|(_, id)| id.as_slice()).collect();
+    for id in ["f.a", "f.b", "f.c"] {
+        assert!(created.contains(&id.as_bytes()), "{id} inserted since the clock reading");
+    }
+    let stamps: Vec<(i64, &[u8])> = first.iter().chain(&rest).map(|(at, id)| (*at, id.as_slice())).collect();
+    assert!(stamps.windows(2).all(|pair| pair[0] < pair[1]), "in (stamp, id) order: {stamps:?}");
+    // An update keeps the first insert's stamp.
+    let stamp_of =
+        |rows: &[(i64, Vec<u8>)], id: &str| rows.iter().find(|(_, row)| row == id.as_bytes()).map(|(at, _)| *at);
+    let stamp = stamp_of(&[first.clone(), rest.clone()].concat(), "f.a").unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.write_batch(&[&item("f.a", 2, "a2")], TIMEOUT).await.unwrap();
+    let again = store.ids_created_since(since, None, 100).await.unwrap();
+    assert_eq!(stamp_of(&again, "f.a"), Some(stamp), "an update keeps the creation stamp");
+    assert!(store.ids_created_since(store.clock_ms().await.unwrap() + 60_000, None, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
