@@ -402,3 +402,45 @@ async fn the_warm_up_pages_by_bytes_past_an_id_that_is_not_utf8() {
     }
     stop(reader).await;
 }
+
+/// Items that settled in the write-ahead log while L3 was down enter the filter when a later
+/// engine drains them (the drain adds ids before its write), not only when its tail would
+/// next poll: here the tail polls once an hour, so only the drain's hook can add them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_drained_from_the_wal_by_a_restarted_engine_enter_its_filter() {
+    let wal = tempfile::tempdir().unwrap();
+    let l3 = std::sync::Arc::new(sync_engine::MemoryArchiveStore::new());
+    let config = SyncEngineConfig {
+        wal_dir: Some(wal.path().to_path_buf()),
+        filter: FilterConfig {
+            poll_interval: Duration::from_secs(3600),
+            lag_bound: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut first = SyncEngine::new(config.clone(), watch::channel(config.clone()).1).with_archive_store(l3.clone());
+    first.start().await.unwrap();
+    l3.set_available(false);
+    let ids = ids("wal", 20);
+    for item in items(&ids) {
+        assert_eq!(first.submit(item).await.unwrap(), sync_engine::Tier::Wal);
+    }
+    first.shutdown_within(Duration::from_secs(5)).await;
+    l3.set_available(true);
+
+    // The restarted engine warms up (L3 is still empty), polls once, then drains the WAL.
+    let mut second = SyncEngine::new(config.clone(), watch::channel(config).1).with_archive_store(l3.clone());
+    second.start().await.unwrap();
+    wait_trusted(&second).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while l3.len() < ids.len() {
+        assert!(Instant::now() < deadline, "the WAL drained into L3");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let filter = second.filter().unwrap();
+    assert!(ids.iter().all(|id| filter.may_contain(id)), "drained ids are in the filter");
+    assert_eq!(second.filter_trust(), Some(FilterTrust::Trusted));
+    assert_eq!(second.get_many(&refs(&ids)).await.unwrap().len(), ids.len(), "and every read finds them");
+    second.shutdown_within(Duration::from_secs(5)).await;
+}
