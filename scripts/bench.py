@@ -70,49 +70,32 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--items", type=int, default=200_000)
-    parser.add_argument("--binary", default="target/release/sync-engine")
-    parser.add_argument("--budget", type=int, default=128 << 20, help="SYNC_MEMORY_BUDGET_BYTES")
-    parser.add_argument("--l1", type=int, default=32 << 20, help="SYNC_L1_MAX_BYTES")
-    args = parser.parse_args()
-    brokers = os.environ["SYNC_TEST_KAFKA_BROKERS"]
-    mysql = os.environ["SYNC_TEST_MYSQL_URL"]
-    run_id = f"{int(time.time())}_{os.getpid()}"
-    topic, group, table = f"bench_{run_id}", f"bench_{run_id}", f"bench_{run_id}"
-
-    sh("scripts/create-topic.sh", topic, str(PARTITIONS))
-    print(f"producing {args.items} items of 1 KiB to {topic} ({PARTITIONS} partitions)", file=sys.stderr)
-    # The same workload flags for the worker's input and the ceiling: the same rows.
-    workload = ["--count", str(args.items), "--item-bytes", "1024", "--key-space", str(args.items * 20),
-                "--id-prefix", f"bench.{run_id}", "--delete-share", "0.01", "--out-of-order-share", "0.01",
-                "--duplicate-share", "0", "--seed", "7"]
-    produced = sh(args.binary, "produce", "--brokers", brokers, "--topic", topic, *workload, "--quiet")
-    ends = {int(p): int(o) for p, o in re.findall(r"end offset partition=(\d+) offset=(\d+)", produced)}
-    end_sum = sum(ends.values())
-
-    print("measuring the raw MariaDB ceiling (plain multi-row upserts, 1,000 rows per statement)", file=sys.stderr)
-    ceiling_out = sh(args.binary, "ceiling", "--sql-url", mysql, *workload)
-    ceiling = float(re.search(r"rows_per_sec=(\d+)", ceiling_out).group(1))
-
+def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, run_id, produce_live=None):
+    """Runs one worker over the topic until its group has committed `end_sum` offsets.
+    Returns its figures. `produce_live` (a command) is started once the worker is up, for
+    the rate-limited latency run."""
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "SYNC_KAFKA_BROKERS": brokers, "SYNC_KAFKA_TOPICS": topic, "SYNC_KAFKA_GROUP_ID": group,
-        "SYNC_DLQ_TOPIC": f"{topic}_dlq", "SYNC_REDIS_URLS": os.environ.get("BENCH_REDIS_URLS", os.environ["SYNC_TEST_REDIS_URLS"]),
-        "SYNC_REDIS_PREFIX": f"{run_id}:", "SYNC_SQL_URL": mysql, "SYNC_SQL_TABLE": table,
+        "SYNC_DLQ_TOPIC": f"{topic}_dlq", "SYNC_REDIS_URLS": redis_urls,
+        "SYNC_REDIS_PREFIX": f"{run_id}:{group}:", "SYNC_SQL_URL": mysql, "SYNC_SQL_TABLE": table,
         "SYNC_METRICS_ADDR": f"127.0.0.1:{port}", "SYNC_MEMORY_BUDGET_BYTES": str(args.budget), "SYNC_L1_MAX_BYTES": str(args.l1),
         "SYNC_KAFKA_OPT_SESSION_TIMEOUT_MS": "6000", "SYNC_REVOKE_DEADLINE_MS": "4000",
         "SYNC_COMMIT_INTERVAL_MS": "200", "SYNC_LOG": "warn",
-        "SYNC_WAL_DIR": f"/tmp/sync-engine-bench-wal-{run_id}",
+        "SYNC_WAL_DIR": f"/tmp/sync-engine-bench-wal-{run_id}-{group}",
     }
     # Any SYNC_* setting in the bench's environment tunes the worker (e.g. SYNC_BATCH_MAX_ITEMS).
     env.update({k: v for k, v in os.environ.items() if k.startswith("SYNC_") and not k.startswith("SYNC_TEST_")})
     worker = subprocess.Popen([args.binary, "run"], env=env)
+    producer = None
     try:
+        if produce_live:
+            while not metrics(port):
+                time.sleep(0.1)
+            producer = subprocess.Popen(produce_live, stdout=subprocess.DEVNULL)
         first_consumed = None
-        deadline = time.time() + 900
+        deadline = time.time() + 1800
         committed_sum = 0
         while time.time() < deadline:
             text = metrics(port)
@@ -129,35 +112,107 @@ def main():
         text = metrics(port)
         rss = peak_rss_mib(worker.pid)
         worker_cpu = cpu_seconds(worker.pid)
-        with open(os.environ.get("BENCH_METRICS_OUT", "/tmp/sync-engine-bench-metrics.txt"), "w") as out:
+        with open(os.environ.get("BENCH_METRICS_OUT", f"/tmp/sync-engine-bench-metrics-{group}.txt"), "w") as out:
             out.write(text)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
-    # Leave the database as we found it: a leftover 200 MB table slows every later run.
-    subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e", f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations"],
-                   capture_output=True) if mysql.startswith("mysql://root@127.0.0.1") else None
+        if producer:
+            producer.wait(timeout=60)
+    drop_tables(mysql, table)
     if committed_sum < end_sum:
-        sys.exit(f"bench: timed out, committed {committed_sum} of {end_sum}")
+        sys.exit(f"bench: {group} timed out, committed {committed_sum} of {end_sum}")
     elapsed = done - first_consumed
-    rate = args.items / elapsed
-    print(f"items                  {args.items} (1 KiB, {PARTITIONS} partitions, L2 + L3)")
-    print(f"end-to-end             {rate:.0f} items/s ({elapsed:.1f} s, first consumed -> last committed)")
-    print(f"raw MariaDB ceiling    {ceiling:.0f} rows/s")
-    print(f"ratio                  {rate / ceiling:.2f}")
-    print(f"item settle latency    p50 <= {quantile(text, 'sync_item_settle_seconds', 0.5) * 1000:.0f} ms, "
-          f"p99 <= {quantile(text, 'sync_item_settle_seconds', 0.99) * 1000:.0f} ms (enqueue -> durable)")
-    l3 = 'tier="l3"'
-    print(f"L3 batch flush         p50 <= {quantile(text, 'sync_flush_duration_seconds', 0.5, l3) * 1000:.0f} ms, "
-          f"p99 <= {quantile(text, 'sync_flush_duration_seconds', 0.99, l3) * 1000:.0f} ms")
-    print(f"worker CPU             {worker_cpu:.1f} s user+system over the run ({worker_cpu / elapsed:.2f} cores)")
-    # The pod's memory limit: budget for unsettled records + L1 + the fixed overhead stated in
-    # tests/process.rs (binary, librdkafka, pools).
-    limit = (args.budget + args.l1 + (96 << 20)) >> 20
-    verdict = "within" if rss <= limit else "OVER"
-    print(f"peak RSS               {rss:.0f} MiB, {verdict} the {limit} MiB limit "
-          f"(budget {args.budget >> 20} + L1 {args.l1 >> 20} + 96 overhead)")
-    print(f"worker exit            {worker.returncode}")
+    return {
+        "rate": args.items / elapsed, "elapsed": elapsed, "cpu": worker_cpu, "rss": rss, "exit": worker.returncode,
+        "settle_p50": quantile(text, "sync_item_settle_seconds", 0.5) * 1000,
+        "settle_p99": quantile(text, "sync_item_settle_seconds", 0.99) * 1000,
+        "kafka_p50": quantile(text, "sync_settle_latency_seconds", 0.5) * 1000,
+        "kafka_p99": quantile(text, "sync_settle_latency_seconds", 0.99) * 1000,
+        "flush_p99": quantile(text, "sync_flush_duration_seconds", 0.99, 'tier="l3"') * 1000,
+    }
+
+
+def drop_tables(mysql, table):
+    """Leave the database as we found it: a leftover 200 MB table slows every later run."""
+    if mysql.startswith("mysql://root@127.0.0.1"):
+        subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e",
+                        f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations"], capture_output=True)
+
+
+def produce(args, brokers, topic, workload, rate=0):
+    return [args.binary, "produce", "--brokers", brokers, "--topic", topic, *workload, "--quiet",
+            *(["--rate", str(int(rate))] if rate else [])]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--items", type=int, default=200_000)
+    parser.add_argument("--binary", default="target/release/sync-engine")
+    parser.add_argument("--budget", type=int, default=128 << 20, help="SYNC_MEMORY_BUDGET_BYTES")
+    parser.add_argument("--l1", type=int, default=32 << 20, help="SYNC_L1_MAX_BYTES")
+    args = parser.parse_args()
+    brokers = os.environ["SYNC_TEST_KAFKA_BROKERS"]
+    mysql = os.environ["SYNC_TEST_MYSQL_URL"]
+    cluster = os.environ.get("BENCH_REDIS_URLS", os.environ["SYNC_TEST_REDIS_URLS"])
+    run_id = f"{int(time.time())}_{os.getpid()}"
+    topic = f"bench_{run_id}"
+
+    sh("scripts/create-topic.sh", topic, str(PARTITIONS))
+    print(f"producing {args.items} items of 1 KiB to {topic} ({PARTITIONS} partitions)", file=sys.stderr)
+    # The same workload flags for the worker's input and the L3 measures: the same rows.
+    workload = ["--count", str(args.items), "--item-bytes", "1024", "--key-space", str(args.items * 20),
+                "--id-prefix", f"bench.{run_id}", "--delete-share", "0.01", "--out-of-order-share", "0.01",
+                "--duplicate-share", "0", "--seed", "7"]
+    produced = sh(*produce(args, brokers, topic, workload))
+    ends = {int(p): int(o) for p, o in re.findall(r"end offset partition=(\d+) offset=(\d+)", produced)}
+    end_sum = sum(ends.values())
+
+    l3_rates = {}
+    for method in ["naive", "parallel", "load-data", "library"]:
+        print(f"measuring L3 by {method}", file=sys.stderr)
+        out = sh(args.binary, "ceiling", "--sql-url", mysql, "--method", method, "--table", f"ceiling_{run_id}", *workload)
+        l3_rates[method] = float(re.search(r"rows_per_sec=(\d+)", out).group(1))
+    best_raw_method = max(["naive", "parallel", "load-data"], key=lambda m: l3_rates[m])
+    best_raw, library = l3_rates[best_raw_method], l3_rates["library"]
+
+    print("end to end through Kafka, L3 only", file=sys.stderr)
+    l3_only = run_worker(args, brokers, mysql, topic, f"bench_{run_id}_l3", f"bench_{run_id}_l3", "", end_sum, run_id)
+    print("end to end through Kafka, L3 + L2 (Redis Cluster)", file=sys.stderr)
+    with_l2 = run_worker(args, brokers, mysql, topic, f"bench_{run_id}_l2", f"bench_{run_id}_l2", cluster, end_sum, run_id)
+
+    # Latency at half the maximum rate: a second topic, produced live while the worker runs.
+    half = with_l2["rate"] / 2
+    live_topic = f"{topic}_live"
+    sh("scripts/create-topic.sh", live_topic, str(PARTITIONS))
+    print(f"latency run: producing live at {half:.0f} items/s (half the L3 + L2 rate)", file=sys.stderr)
+    live = run_worker(args, brokers, mysql, live_topic, f"bench_{run_id}_rate", f"bench_{run_id}_rate", cluster,
+                      end_sum, run_id, produce_live=produce(args, brokers, live_topic, workload, rate=half))
+
+    print(f"items                  {args.items} (1 KiB, {PARTITIONS} partitions, same rows in every measure)")
+    print("L3 alone (rows/s)")
+    for method in ["naive", "parallel", "load-data"]:
+        marker = "  <- best raw" if method == best_raw_method else ""
+        print(f"  raw {method:<17} {l3_rates[method]:>8.0f}{marker}")
+    print(f"  library path          {library:>8.0f}  (enqueue -> L3 settled, our engine, no Kafka)")
+    print("end to end (items/s, first consumed -> last committed)")
+    for label, run in [("Kafka -> L3", l3_only), ("Kafka -> L2 + L3", with_l2)]:
+        print(f"  {label:<21} {run['rate']:>8.0f}  ({run['elapsed']:.1f} s; {run['cpu'] / args.items * 1e6:.0f} CPU us/item, "
+              f"{run['cpu'] / run['elapsed']:.2f} cores; peak RSS {run['rss']:.0f} MiB)")
+    print("ratios")
+    print(f"  L3 only / library     {l3_only['rate'] / library:.2f}   (target >= 0.9)")
+    print(f"  L3 only / best raw    {l3_only['rate'] / best_raw:.2f}   (target >= 0.8)")
+    print(f"  L2 + L3 / L3 only     {with_l2['rate'] / l3_only['rate']:.2f}   (target >= 0.75)")
+    print("latency")
+    for label, run in [("L2 + L3, backlog", with_l2), (f"L2 + L3 at {half:.0f}/s", live)]:
+        print(f"  {label:<21} Kafka -> settled p50 <= {run['kafka_p50']:.0f} ms, p99 <= {run['kafka_p99']:.0f} ms; "
+              f"enqueue -> settled p99 <= {run['settle_p99']:.0f} ms; L3 flush p99 <= {run['flush_p99']:.0f} ms")
+    # The pod's memory limit: budget for unsettled records + L1 + the fixed overhead.
+    limit = (args.budget + args.l1 + (64 << 20)) >> 20
+    worst = max(l3_only["rss"], with_l2["rss"], live["rss"])
+    verdict = "within" if worst <= limit else "OVER"
+    print(f"peak RSS               {worst:.0f} MiB, {verdict} budget {args.budget >> 20} + L1 {args.l1 >> 20} + 64 = {limit} MiB")
+    print(f"worker exits           {l3_only['exit']}, {with_l2['exit']}, {live['exit']}")
 
 
 if __name__ == "__main__":

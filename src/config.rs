@@ -130,6 +130,9 @@ pub struct SyncEngineConfig {
     /// The membership filter over L3's ids (`crate::filter`): on by default when there is
     /// an L3; sizes, tail interval and the lag beyond which it is not trusted.
     pub filter: crate::filter::FilterConfig,
+    /// The L2 auditor's pace (`SYNC_AUDIT_KEYS_PER_SEC`): entries compared with L3 per
+    /// second, pass after pass; 0 turns it off. Default 1,000.
+    pub audit_keys_per_sec: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -347,6 +350,7 @@ impl Config {
             memory_budget_bytes: kafka.memory_budget_bytes,
             backpressure,
             filter,
+            audit_keys_per_sec: r.number("SYNC_AUDIT_KEYS_PER_SEC", 1_000, 0, 1_000_000),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -377,6 +381,7 @@ impl Default for SyncEngineConfig {
             memory_budget_bytes: 256 << 20,
             backpressure: BackpressureThresholds::default(),
             filter: crate::filter::FilterConfig::default(),
+            audit_keys_per_sec: 1_000,
         }
     }
 }

@@ -38,6 +38,10 @@ pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
 pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
 pub const CORRUPT_READS: &str = "sync_corrupt_reads_total";
+pub const L2_AUDIT_KEYS: &str = "sync_l2_audit_keys_total";
+pub const L2_AUDIT_DRIFT: &str = "sync_l2_audit_drift_total";
+pub const L2_AUDIT_REPAIRED: &str = "sync_l2_audit_repaired_total";
+pub const L2_AUDIT_PASS_SECONDS: &str = "sync_l2_audit_pass_seconds";
 pub const CONFIG_RELOADS: &str = "sync_config_reloads_total";
 pub const FILTER_TRUST: &str = "sync_filter_trust";
 pub const FILTER_IDS: &str = "sync_filter_ids";
@@ -136,6 +140,13 @@ fn describe() {
         FILTER_TAIL_LAG_MS,
         "Milliseconds since the last completed tail poll of other processes' inserts started"
     );
+    describe_counter!(L2_AUDIT_KEYS, "L2 entries the auditor compared with L3");
+    describe_counter!(
+        L2_AUDIT_DRIFT,
+        "L2 entries the auditor found disagreeing with L3, by kind (stale, corrupt, unreadable)"
+    );
+    describe_counter!(L2_AUDIT_REPAIRED, "L2 entries the auditor rewrote from L3 or deleted");
+    describe_gauge!(L2_AUDIT_PASS_SECONDS, "Duration of the L2 auditor's last complete pass");
     describe_counter!(CORRUPT_READS, "Verified reads whose content did not match its stored SHA-256, by tier (l2, l3)");
 }
 

@@ -7,6 +7,7 @@ pub mod offsets;
 pub mod produce;
 pub mod replay;
 pub mod run;
+pub mod verify;
 
 use indicatif::{ProgressBar, ProgressStyle};
 

@@ -49,7 +49,9 @@ use std::fmt::Write as _;
 
 use anyhow::anyhow;
 
-use sync_engine::kafka::group::{client, commit_offsets, offsets_at, partition_states, refuse_if_active, PartitionState};
+use sync_engine::kafka::group::{
+    client, commit_offsets, offsets_at, partition_states, refuse_if_active, PartitionState,
+};
 use sync_engine::rfc3339::{format_datetime, parse_datetime};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -454,5 +456,4 @@ mod tests {
         assert!(table.contains("unchanged (nothing committed)"));
         assert!(table.ends_with("2 of 3 partitions move; 50 records re-read, 0 skipped\n"), "{table}");
     }
-
 }

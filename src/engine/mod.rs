@@ -23,6 +23,7 @@ mod backpressure;
 mod batching;
 mod filter_task;
 mod flushing;
+mod l2_audit;
 mod l2_repair;
 mod pending;
 mod prefix;
@@ -32,6 +33,7 @@ mod state;
 mod wal_drain;
 
 pub use backpressure::MemoryPressure;
+pub use l2_audit::{audit_pass, AuditOptions, AuditReport};
 pub use reads::ItemStatus;
 pub use state::EngineState;
 
@@ -327,6 +329,7 @@ impl SyncEngine {
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(filter_task::run(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(l2_audit::run(stores.clone(), self.config.audit_keys_per_sec, self.stopping.clone()));
         self.tasks.spawn(reconfigure::run(
             stores.clone(),
             self.pressure.clone(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::item::{now_ms, supersedes, SyncItem};
 use crate::storage::redis::L2Op;
 use crate::storage::sql::{HeldRow, HeldRows, Selection};
-use crate::storage::{ArchiveStore, CacheStore, RowSummary, StoreError, StoreFuture, Stored};
+use crate::storage::{ArchiveStore, CacheStore, RowSummary, ScanCursor, StoreError, StoreFuture, Stored};
 
 fn unavailable(kind: &str) -> StoreError {
     StoreError::Unavailable(format!("the in-memory {kind} store is set unavailable"))
@@ -185,6 +185,23 @@ impl CacheStore for MemoryCacheStore {
         Box::pin(async move {
             self.check()?;
             Ok(Self::current(&mut lock(&self.entries), id).map(|entry| !entry.stored.item.is_tombstone()))
+        })
+    }
+
+    /// Ids in order; the position is how many came before.
+    fn scan_page(
+        &self,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> StoreFuture<'_, Result<(Vec<String>, Option<ScanCursor>), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut ids: Vec<String> = lock(&self.entries).keys().cloned().collect();
+            ids.sort_unstable();
+            let start = usize::try_from(cursor.position).unwrap_or(usize::MAX).min(ids.len());
+            let end = start.saturating_add(count.max(1)).min(ids.len());
+            let next = (end < ids.len()).then_some(ScanCursor { node: 0, position: end as u64 });
+            Ok((ids[start..end].to_vec(), next))
         })
     }
 }

@@ -13,7 +13,7 @@ mod sql_mysql;
 mod sql_sqlite;
 mod traits;
 
-pub use traits::{ArchiveStore, CacheStore, StoreFuture};
+pub use traits::{ArchiveStore, CacheStore, ScanCursor, StoreFuture};
 
 use crate::item::SyncItem;
 

@@ -25,7 +25,7 @@ use crate::item::{ContentType, Origin, SyncItem};
 use crate::storage::redis_cluster::ClusterL2;
 use crate::storage::redis_standalone::StandaloneL2;
 use crate::storage::sql::HeldRow;
-use crate::storage::{CacheStore, StoreError, StoreFuture, Stored};
+use crate::storage::{CacheStore, ScanCursor, StoreError, StoreFuture, Stored};
 
 /// The least time between two reconnects.
 pub(super) const RECONNECT_EVERY: Duration = Duration::from_secs(3);
@@ -215,7 +215,7 @@ impl CacheStore for RedisStore {
     /// Every key under the prefix, on every master of a Cluster.
     fn invalidate_prefix(&self) -> StoreFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            let pattern = format!("{}*", self.commands.prefix.replace('*', "\\*").replace('?', "\\?"));
+            let pattern = self.commands.pattern();
             match &self.backend {
                 Backend::Cluster(cluster) => cluster.delete_matching(&pattern).await,
                 Backend::Standalone(standalone) => standalone.delete_matching(&pattern).await,
@@ -255,6 +255,26 @@ impl CacheStore for RedisStore {
                 .zip(replies)
                 .filter_map(|(id, fields)| Some(((*id).to_owned(), stored_from_fields(id, &fields?)?)))
                 .collect()
+        })
+    }
+
+    /// `SCAN … MATCH prefix*` on each master in turn; keys are turned back into ids.
+    fn scan_page(
+        &self,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> StoreFuture<'_, Result<(Vec<String>, Option<ScanCursor>), StoreError>> {
+        Box::pin(async move {
+            let pattern = self.commands.pattern();
+            let (keys, next) = match &self.backend {
+                Backend::Cluster(cluster) => cluster.scan_page(&pattern, cursor, count).await?,
+                Backend::Standalone(standalone) => standalone.scan_page(&pattern, cursor, count).await?,
+            };
+            let prefix = &self.commands.prefix;
+            Ok((
+                keys.into_iter().filter_map(|key| key.strip_prefix(prefix.as_str()).map(str::to_owned)).collect(),
+                next,
+            ))
         })
     }
 
@@ -332,6 +352,19 @@ pub(super) struct Commands {
 }
 
 impl Commands {
+    /// The `SCAN`/`KEYS` pattern of every key under the prefix (its glob characters escaped).
+    pub(super) fn pattern(&self) -> String {
+        let mut pattern = String::with_capacity(self.prefix.len() + 2);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        pattern
+    }
+
     pub(super) fn key(&self, id: &str) -> String {
         format!("{}{}", self.prefix, id)
     }

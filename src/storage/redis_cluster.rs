@@ -14,7 +14,7 @@ use redis::{AsyncCommands, Value};
 
 use crate::storage::redis::{unavailable, Commands, L2Op, Replaceable, RECONNECT_EVERY, SCRIPTS, TIMEOUT};
 use crate::storage::redis_slots::{key_slot, Node, SlotMap};
-use crate::storage::StoreError;
+use crate::storage::{ScanCursor, StoreError};
 
 pub(super) struct ClusterL2 {
     client: ClusterClient,
@@ -161,6 +161,31 @@ impl ClusterL2 {
             }
         }
         Ok(deleted)
+    }
+
+    /// One `SCAN` page of the keys matching `pattern`, walking the masters in address order:
+    /// `cursor` is (master index, SCAN cursor); `None` next when the last master is done. A
+    /// topology change during a walk may skip or repeat keys: the next walk sees them.
+    pub(super) async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> Result<(Vec<String>, Option<ScanCursor>), StoreError> {
+        let map = self.slot_map().await.ok_or_else(|| StoreError::Unavailable("no cluster slot map".into()))?;
+        let masters = map.masters();
+        let Some((host, port)) = masters.get(cursor.node).cloned() else { return Ok((Vec::new(), None)) };
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let scan = redis::cmd("SCAN").arg(cursor.position).arg("MATCH").arg(pattern).arg("COUNT").arg(count).clone();
+        let reply = self.connection.get().route_command(scan, route).await.map_err(unavailable)?;
+        let (next, keys): (u64, Vec<String>) =
+            redis::from_redis_value(reply).map_err(|error| StoreError::Unavailable(error.to_string()))?;
+        let next = match next {
+            0 if cursor.node + 1 < masters.len() => Some(ScanCursor { node: cursor.node + 1, position: 0 }),
+            0 => None,
+            position => Some(ScanCursor { node: cursor.node, position }),
+        };
+        Ok((keys, next))
     }
 
     /// The fields of the hash at `key` (empty when there is none).

@@ -14,7 +14,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Client, RedisError, Value};
 
 use crate::storage::redis::{connection_config, unavailable, Commands, L2Op, Replaceable, RECONNECT_EVERY, SCRIPTS};
-use crate::storage::StoreError;
+use crate::storage::{ScanCursor, StoreError};
 
 pub(super) struct StandaloneL2 {
     client: Client,
@@ -123,6 +123,19 @@ impl StandaloneL2 {
             }
             cursor = next;
         }
+    }
+
+    /// One `SCAN` page of the keys matching `pattern`; `None` next when the walk is done.
+    pub(super) async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> Result<(Vec<String>, Option<ScanCursor>), StoreError> {
+        let scan = redis::cmd("SCAN").arg(cursor.position).arg("MATCH").arg(pattern).arg("COUNT").arg(count).clone();
+        let page: redis::RedisResult<(u64, Vec<String>)> = scan.query_async(&mut self.connection.get()).await;
+        let (next, keys) = self.checked(page).await?;
+        Ok((keys, (next != 0).then_some(ScanCursor { node: 0, position: next })))
     }
 
     /// The fields of the hash at `key` (empty when there is none).

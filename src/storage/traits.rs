@@ -20,6 +20,18 @@ use crate::storage::{RowSummary, StoreError, Stored};
 /// What every store method returns: a boxed, sendable future borrowing the store.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Where a walk over a cache's ids stands (`CacheStore::scan_page`): which server (a Cluster
+/// master, in address order) and the position on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanCursor {
+    pub node: usize,
+    pub position: u64,
+}
+
+impl ScanCursor {
+    pub const START: ScanCursor = ScanCursor { node: 0, position: 0 };
+}
+
 /// L2's role: a shared cache in front of L3. Every write goes through the same version guard
 /// as L3's (`SyncItem::supersedes`); an entry may expire (its TTL) or be dropped at any time,
 /// so a miss is never an answer on its own.
@@ -59,6 +71,15 @@ pub trait CacheStore: Send + Sync {
 
     /// `Some(true)` live, `Some(false)` a tombstone, `None` no entry.
     fn live<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Result<Option<bool>, StoreError>>;
+
+    /// One page (about `count` ids) of a walk over every id the store holds: start at
+    /// `ScanCursor::START` and go on with the returned cursor until it is `None`. Redis walks
+    /// each master with `SCAN`, so ids written or moved meanwhile may be missed or repeated.
+    fn scan_page(
+        &self,
+        cursor: ScanCursor,
+        count: usize,
+    ) -> StoreFuture<'_, Result<(Vec<String>, Option<ScanCursor>), StoreError>>;
 }
 
 /// L3's role: the durable store and ground truth. A batch is written atomically through the

@@ -1,0 +1,118 @@
+//! The L2 auditor against the real Redis Cluster and MariaDB: entries corrupted, aged and
+//! stripped by hand are found (exactly those), left alone when only reporting, repaired by
+//! `sync-engine verify --l2 --repair` and by the engine's background auditor; an entry that
+//! only L2 holds (routed without L3) is never deleted.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+use sync_engine::engine::{audit_pass, AuditOptions};
+use sync_engine::{SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, Tiers};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const ITEMS: usize = 100;
+
+async fn engine(config: SyncEngineConfig) -> SyncEngine {
+    let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
+    engine.start().await.expect("engine starts");
+    engine
+}
+
+fn id(n: usize) -> String {
+    format!("audit.{n:03}")
+}
+
+/// Writes the items through an engine (no background audit), then damages three L2 entries
+/// by hand: `audit.001` corrupted (content changed, hash kept), `audit.002` aged (an older
+/// version), `audit.003` stripped (its version field deleted). `only.l2` is routed to L2 only.
+async fn written_and_damaged(names: &Names) -> SyncEngine {
+    let engine = engine(SyncEngineConfig { audit_keys_per_sec: 0, ..engine_config(names) }).await;
+    let items: Vec<SyncItem> =
+        (0..ITEMS).map(|n| SyncItem::new(id(n), format!("content {n}").into_bytes()).with_version(5)).collect();
+    engine.submit_many(items).await.expect("written");
+    let l2_only = SubmitOptions { tiers: Tiers { l1: false, l2: true, l3: false }, ..Default::default() };
+    engine.submit_with(SyncItem::new("only.l2", b"kept".to_vec()).with_version(1), l2_only).await.unwrap();
+
+    let client = redis::cluster::ClusterClient::new(redis_urls()).unwrap();
+    let mut redis = client.get_async_connection().await.unwrap();
+    let key = |n: usize| format!("{}{}", names.prefix, id(n));
+    let _: () = redis.hset(key(1), "c", "flipped bits").await.unwrap();
+    let _: () = redis.hset(key(2), "v", "4").await.unwrap();
+    let _: () = redis.hdel(key(3), "v").await.unwrap();
+    engine
+}
+
+fn report_only() -> AuditOptions {
+    AuditOptions { keys_per_sec: 0, repair: false, ttl_secs: 3600 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_finds_exactly_the_hand_made_drift_and_verify_repairs_it() {
+    let names = Names::new("audit");
+    let engine = written_and_damaged(&names).await;
+    let (l2, l3) = (engine.l2().unwrap(), engine.l3().unwrap());
+    let never = CancellationToken::new();
+
+    let found = audit_pass(l2, l3, report_only(), &never).await.unwrap();
+    assert_eq!((found.corrupt, found.stale, found.unreadable), (1, 1, 1), "{found:?}");
+    assert_eq!((found.scanned, found.agreeing, found.only_in_l2), (ITEMS as u64 + 1, ITEMS as u64 - 3, 1));
+    let divergent: BTreeSet<String> = found.divergent_ids.iter().cloned().collect();
+    assert_eq!(divergent, [id(1), id(2), id(3)].into_iter().collect());
+    assert_eq!(found.repaired, 0);
+    let again = audit_pass(l2, l3, report_only(), &never).await.unwrap();
+    assert_eq!(again.drift(), 3, "reporting repairs nothing");
+
+    // The command, with the worker's own settings.
+    let output = Command::new(env!("CARGO_BIN_EXE_sync-engine"))
+        .args(["verify", "--l2", "--repair"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SYNC_KAFKA_TOPICS", &names.topic)
+        .env("SYNC_REDIS_URLS", redis_urls().join(","))
+        .env("SYNC_REDIS_PREFIX", &names.prefix)
+        .env("SYNC_SQL_URL", mysql_url())
+        .env("SYNC_SQL_TABLE", &names.table)
+        .output()
+        .expect("verify runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "verify --repair: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("repaired        3"), "{stdout}");
+    assert!(!stdout.contains(&mysql_url()), "the SQL URL is printed redacted");
+
+    let after = audit_pass(l2, l3, report_only(), &never).await.unwrap();
+    assert_eq!((after.drift(), after.agreeing, after.only_in_l2), (0, ITEMS as u64, 1), "{after:?}");
+    for n in 1..=3 {
+        let stored = l2.get_stored(&id(n)).await.unwrap().expect("rewritten from L3");
+        assert_eq!((stored.item.version, stored.hash_matches()), (5, Some(true)));
+        assert_eq!(stored.item.content.as_deref(), Some(format!("content {n}").as_bytes()));
+    }
+    assert!(l2.get("only.l2").await.unwrap().is_some(), "an L2-only entry is never deleted");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_auditor_repairs_drift_while_the_engine_runs() {
+    let names = Names::new("audit_bg");
+    let writer = written_and_damaged(&names).await;
+    writer.shutdown().await;
+
+    let engine = engine(SyncEngineConfig { audit_keys_per_sec: 10_000, ..engine_config(&names) }).await;
+    let (l2, l3) = (engine.l2().unwrap(), engine.l3().unwrap());
+    let never = CancellationToken::new();
+    let mut drift = u64::MAX;
+    for _ in 0..60 {
+        drift = audit_pass(l2, l3, report_only(), &never).await.unwrap().drift();
+        if drift == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(drift, 0, "the first background pass (5 s after start) repaired all three");
+    engine.shutdown().await;
+}
