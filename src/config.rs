@@ -127,6 +127,9 @@ pub struct SyncEngineConfig {
     /// (default: warn 50, throttle 70, critical 85, emergency 95, shutdown 100, left 10
     /// points below).
     pub backpressure: BackpressureThresholds,
+    /// The membership filter over L3's ids (`crate::filter`): on by default when there is
+    /// an L3; sizes, tail interval and the lag beyond which it is not trusted.
+    pub filter: crate::filter::FilterConfig,
     /// The L2 auditor's pace (`SYNC_AUDIT_KEYS_PER_SEC`): entries compared with L3 per
     /// second, pass after pass; 0 turns it off. Default 1,000.
     pub audit_keys_per_sec: u64,
@@ -311,6 +314,23 @@ impl Config {
         if let Err(why) = backpressure.validate() {
             r.problem("SYNC_BACKPRESSURE_*_PERCENT", why);
         }
+        let filter_defaults = crate::filter::FilterConfig::default();
+        let lag_bound_ms =
+            r.number("SYNC_FILTER_LAG_BOUND_MS", filter_defaults.lag_bound.as_millis() as u64, 0, 3_600_000);
+        let poll_interval_ms =
+            r.number("SYNC_FILTER_POLL_INTERVAL_MS", filter_defaults.poll_interval.as_millis() as u64, 10, 3_600_000);
+        if lag_bound_ms > 0 && poll_interval_ms >= lag_bound_ms {
+            r.problem(
+                "SYNC_FILTER_POLL_INTERVAL_MS",
+                format!("must be below SYNC_FILTER_LAG_BOUND_MS ({lag_bound_ms}), or the filter is never trusted"),
+            );
+        }
+        let filter = crate::filter::FilterConfig {
+            enabled: lag_bound_ms > 0,
+            lag_bound: Duration::from_millis(lag_bound_ms),
+            poll_interval: Duration::from_millis(poll_interval_ms),
+            ..filter_defaults
+        };
         let engine = SyncEngineConfig {
             redis_url: (!redis_urls.is_empty()).then(|| Secret(redis_urls.join(","))),
             redis_prefix,
@@ -329,6 +349,7 @@ impl Config {
             // One budget: the worker's records, the engine's queue and L1 share it.
             memory_budget_bytes: kafka.memory_budget_bytes,
             backpressure,
+            filter,
             audit_keys_per_sec: r.number("SYNC_AUDIT_KEYS_PER_SEC", 1_000, 0, 1_000_000),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
@@ -359,6 +380,7 @@ impl Default for SyncEngineConfig {
             shutdown_grace: Duration::from_secs(30),
             memory_budget_bytes: 256 << 20,
             backpressure: BackpressureThresholds::default(),
+            filter: crate::filter::FilterConfig::default(),
             audit_keys_per_sec: 1_000,
         }
     }
@@ -446,6 +468,18 @@ mod tests {
         let bad = with(&[("SYNC_BACKPRESSURE_THROTTLE_PERCENT", "90")]).unwrap_err().to_string();
         assert!(bad.contains("SYNC_BACKPRESSURE"), "{bad}");
         assert!(with(&[("SYNC_BACKPRESSURE_SHUTDOWN_PERCENT", "101")]).is_err());
+    }
+
+    #[test]
+    fn the_filter_is_on_by_default_off_at_a_zero_lag_bound_and_must_poll_within_it() {
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        let filter = with(&[]).unwrap().engine.filter;
+        assert!(filter.enabled);
+        assert_eq!((filter.lag_bound, filter.poll_interval), (Duration::from_secs(5), Duration::from_secs(2)));
+        assert!(!with(&[("SYNC_FILTER_LAG_BOUND_MS", "0")]).unwrap().engine.filter.enabled);
+        let bad = with(&[("SYNC_FILTER_LAG_BOUND_MS", "1000"), ("SYNC_FILTER_POLL_INTERVAL_MS", "1000")]);
+        assert!(bad.unwrap_err().to_string().contains("SYNC_FILTER_POLL_INTERVAL_MS"));
     }
 
     #[test]

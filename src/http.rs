@@ -70,6 +70,9 @@ pub struct ReadyState {
     pub l2_stale_ids: u64,
     /// The engine's memory pressure level.
     pub backpressure: crate::pressure::BackpressureLevel,
+    /// The membership filter's trust, e.g. `trusted` or `untrusted (warm-up failed: …)`
+    /// (`None`: no filter, the line is left out).
+    pub filter: Option<String>,
 }
 
 impl ReadyState {
@@ -80,6 +83,9 @@ impl ReadyState {
         }
         body.push_str(&format!("wal_bytes {}\nl2_stale_ids {}\n", self.wal_bytes, self.l2_stale_ids));
         body.push_str(&format!("backpressure {}\n", self.backpressure));
+        if let Some(filter) = &self.filter {
+            body.push_str(&format!("filter {filter}\n"));
+        }
         body
     }
 }

@@ -51,6 +51,7 @@ pub mod cache;
 pub mod config;
 pub mod decode;
 pub mod engine;
+pub mod filter;
 pub mod http;
 pub mod item;
 pub mod kafka;
@@ -66,6 +67,7 @@ pub mod workload;
 // What a library user needs, at the root (README "From the seed" maps the original names).
 pub use batch::{Batch, BatchConfig, FlushReason, HybridBatcher, SizedItem};
 pub use config::{Config, SyncEngineConfig};
+pub use filter::{FilterConfig, FilterManager, FilterStats, FilterTrust};
 pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
 pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};

@@ -43,6 +43,11 @@ pub const L2_AUDIT_DRIFT: &str = "sync_l2_audit_drift_total";
 pub const L2_AUDIT_REPAIRED: &str = "sync_l2_audit_repaired_total";
 pub const L2_AUDIT_PASS_SECONDS: &str = "sync_l2_audit_pass_seconds";
 pub const CONFIG_RELOADS: &str = "sync_config_reloads_total";
+pub const FILTER_TRUST: &str = "sync_filter_trust";
+pub const FILTER_IDS: &str = "sync_filter_ids";
+pub const FILTER_BYTES: &str = "sync_filter_bytes";
+pub const FILTER_QUERIES_SAVED: &str = "sync_filter_queries_saved_total";
+pub const FILTER_TAIL_LAG_MS: &str = "sync_filter_tail_lag_ms";
 
 const LATENCY_BUCKETS: [f64; 20] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
@@ -124,6 +129,17 @@ fn describe() {
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
     describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the configuration, by outcome (applied, refused)");
+    describe_gauge!(
+        FILTER_TRUST,
+        "Membership filter trust: 0 untrusted, 1 warming up, 2 lagging (reads go to L3), 3 trusted"
+    );
+    describe_gauge!(FILTER_IDS, "Ids in the membership filter over L3 (duplicates counted once)");
+    describe_gauge!(FILTER_BYTES, Unit::Bytes, "Memory of the membership filter");
+    describe_counter!(FILTER_QUERIES_SAVED, "L3 reads skipped because the trusted filter said the id is not in L3");
+    describe_gauge!(
+        FILTER_TAIL_LAG_MS,
+        "Milliseconds since the last completed tail poll of other processes' inserts started"
+    );
     describe_counter!(L2_AUDIT_KEYS, "L2 entries the auditor compared with L3");
     describe_counter!(
         L2_AUDIT_DRIFT,

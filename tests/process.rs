@@ -161,6 +161,7 @@ async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_
         wal_bytes: 4096,
         l2_stale_ids: 7,
         backpressure: sync_engine::BackpressureLevel::Throttle,
+        filter: Some(sync_engine::FilterTrust::Lagging { lag_ms: 6000 }.to_string()),
     });
     let stop = CancellationToken::new();
     let any_port = "127.0.0.1:0".parse().unwrap();
@@ -176,7 +177,7 @@ async fn the_health_endpoint_answers_only_get_reads_the_probe_and_cuts_off_slow_
 
     let ready = http_get(port, "/health/ready").expect("ready answers");
     assert!(ready.starts_with("HTTP/1.0 200"), "{ready}");
-    assert!(ready.ends_with("ready\ncircuit l3 open\ncircuit l2 closed\nwal_bytes 4096\nl2_stale_ids 7\nbackpressure throttle\n"), "{ready}");
+    assert!(ready.ends_with("ready\ncircuit l3 open\ncircuit l2 closed\nwal_bytes 4096\nl2_stale_ids 7\nbackpressure throttle\nfilter lagging (6000 ms behind)\n"), "{ready}");
 
     for method in ["POST", "PUT", "DELETE", "HEAD"] {
         let response = send_raw(port, &format!("{method} /health/ready HTTP/1.0\r\n\r\n")).expect("answered");

@@ -148,6 +148,51 @@ async fn cache_contract(store: &dyn CacheStore) {
 async fn archive_contract(store: &dyn ArchiveStore) {
     archive_guards_versions(store).await;
     archive_reads_and_selects(store).await;
+    archive_lists_ids_for_the_filter(store).await;
+}
+
+/// What the membership filter reads: every id (tombstones too) in byte order by keyset pages,
+/// and the ids inserted since a clock reading, whose stamp a later update keeps.
+async fn archive_lists_ids_for_the_filter(store: &dyn ArchiveStore) {
+    let before = store.clock_ms().await.unwrap();
+    let written = [item("f.b", 1, "b"), item("f.a", 1, "a"), SyncItem::tombstone("f.c", 2)];
+    store.write_batch(&written.iter().collect::<Vec<_>>(), TIMEOUT).await.unwrap();
+    let mut all = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.ids_after(after.as_deref(), 2).await.unwrap();
+        all.extend(page.iter().cloned());
+        if page.len() < 2 {
+            break;
+        }
+        after = page.last().cloned();
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(all, sorted, "pages in byte order, no id twice");
+    for id in ["f.a", "f.b", "f.c"] {
+        assert!(all.contains(&id.as_bytes().to_vec()), "{id} listed (tombstones too)");
+    }
+    // Created since `before` (less a second: the clock may round), in (stamp, id) order, paged.
+    let since = before - 1_000;
+    let first = store.ids_created_since(since, None, 2).await.unwrap();
+    let rest = store.ids_created_since(since, first.last().map(|(at, id)| (*at, id.as_slice())), 100).await.unwrap();
+    let created: Vec<&[u8]> = first.iter().chain(&rest).map(|(_, id)| id.as_slice()).collect();
+    for id in ["f.a", "f.b", "f.c"] {
+        assert!(created.contains(&id.as_bytes()), "{id} inserted since the clock reading");
+    }
+    let stamps: Vec<(i64, &[u8])> = first.iter().chain(&rest).map(|(at, id)| (*at, id.as_slice())).collect();
+    assert!(stamps.windows(2).all(|pair| pair[0] < pair[1]), "in (stamp, id) order: {stamps:?}");
+    // An update keeps the first insert's stamp.
+    let stamp_of =
+        |rows: &[(i64, Vec<u8>)], id: &str| rows.iter().find(|(_, row)| row == id.as_bytes()).map(|(at, _)| *at);
+    let stamp = stamp_of(&[first.clone(), rest.clone()].concat(), "f.a").unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.write_batch(&[&item("f.a", 2, "a2")], TIMEOUT).await.unwrap();
+    let again = store.ids_created_since(since, None, 100).await.unwrap();
+    assert_eq!(stamp_of(&again, "f.a"), Some(stamp), "an update keeps the creation stamp");
+    assert!(store.ids_created_since(store.clock_ms().await.unwrap() + 60_000, None, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -189,8 +234,15 @@ async fn a_redis_cluster_keeps_the_contract() {
     cache_contract(&RedisStore::connect(&redis_urls(), &names.prefix).await.unwrap()).await;
 }
 
+/// The membership filter tails L3 every 20 ms and is trusted while its last poll started
+/// within 200 ms: a row written to L3 behind the engine's back is found after that bound.
 fn memory_engine_config(wal_dir: Option<std::path::PathBuf>) -> sync_engine::SyncEngineConfig {
-    sync_engine::SyncEngineConfig { wal_dir, ..Default::default() }
+    let filter = sync_engine::FilterConfig {
+        poll_interval: Duration::from_millis(20),
+        lag_bound: Duration::from_millis(200),
+        ..Default::default()
+    };
+    sync_engine::SyncEngineConfig { wal_dir, filter, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,6 +250,7 @@ async fn an_engine_on_in_memory_stores_reads_through_and_fills_the_faster_tiers(
     let l2 = Arc::new(MemoryCacheStore::new());
     let l3 = Arc::new(MemoryArchiveStore::new());
     let config = memory_engine_config(None);
+    let lag_bound = config.filter.lag_bound;
     let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1)
         .with_cache_store(l2.clone())
         .with_archive_store(l3.clone());
@@ -209,6 +262,10 @@ async fn an_engine_on_in_memory_stores_reads_through_and_fills_the_faster_tiers(
 
     // Written to L3 behind the engine's back: a read misses L1 and L2, finds L3, fills L2.
     l3.write_batch(&[&item("m.2", 7, "seven")], TIMEOUT).await.unwrap();
+    // Another writer's insert is guaranteed to be seen once the filter's lag bound has passed
+    // (README, Membership filter); before that the trusted filter may answer "not in L3".
+    tokio::time::sleep(lag_bound + Duration::from_millis(50)).await;
+    assert_eq!(engine.filter_trust(), Some(sync_engine::FilterTrust::Trusted), "the filter tails the memory archive");
     let read = engine.get("m.2").await.unwrap().expect("found in L3");
     assert_eq!(read.version, 7);
     assert_eq!(l2.get("m.2").await.unwrap().map(|item| item.version), Some(7), "the L3 hit filled L2");

@@ -111,6 +111,7 @@ fn ready_state(backends: &BackendState) -> http::ReadyState {
         wal_bytes: backends.wal_bytes,
         l2_stale_ids: backends.l2_stale_ids,
         backpressure: backends.backpressure,
+        filter: backends.filter.as_ref().map(ToString::to_string),
     }
 }
 

@@ -228,6 +228,8 @@ async fn write_l3_accepted(
     }
     let timer = LatencyTimer::start(metrics::histogram!(m::FLUSH_SECONDS, "tier" => "l3"));
     let items: Vec<&SyncItem> = newest_per_id(to_l3.iter().map(|(_, p)| *p)).iter().map(|p| p.item.as_ref()).collect();
+    // Into the membership filter before L3 can hold them (and before the WAL, which drains later).
+    super::filter_task::note_l3_write(stores, &items);
     let mut backoff = Backoff::new(RetryConfig::default());
     let mut lock_races = 0;
     let outcome = loop {
@@ -282,6 +284,7 @@ async fn write_l3_one_by_one(stores: &Stores, to_l3: &[(usize, &Pending)], abort
     let Some(l3) = &stores.l3 else { return outcome };
     for (position, (index, pending)) in to_l3.iter().enumerate() {
         let mut backoff = Backoff::new(RetryConfig::default());
+        super::filter_task::note_l3_write(stores, &[pending.item.as_ref()]);
         loop {
             match l3.write_batch(&[pending.item.as_ref()], stores.sql_write_timeout).await {
                 Ok(held) => {

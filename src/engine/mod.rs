@@ -21,6 +21,7 @@
 
 mod backpressure;
 mod batching;
+mod filter_task;
 mod flushing;
 mod l2_audit;
 mod l2_repair;
@@ -164,6 +165,8 @@ pub struct BackendState {
     pub l2_stale_ids: u64,
     /// The memory pressure level.
     pub backpressure: BackpressureLevel,
+    /// The membership filter's trust (`None` without a filter).
+    pub filter: Option<crate::filter::FilterTrust>,
 }
 
 /// The tiers, the L3 write-ahead log, L2 repair and the circuit breakers.
@@ -180,6 +183,8 @@ pub(crate) struct Stores {
     pub redis_ttl_secs: std::sync::atomic::AtomicU64,
     pub sql_write_timeout: std::time::Duration,
     pub late_rejections: mpsc::UnboundedSender<LateRejection>,
+    /// The membership filter over L3's ids (`filter_task.rs`); `None` without L3 or when off.
+    pub filter: Option<Arc<crate::filter::FilterManager>>,
 }
 
 impl Stores {
@@ -299,6 +304,8 @@ impl SyncEngine {
                 );
             }
         }
+        let filter = (l3.is_some() && self.config.filter.enabled)
+            .then(|| Arc::new(crate::filter::FilterManager::new(self.config.filter.clone())));
         let (late_tx, late_rx) = mpsc::unbounded_channel();
         *self.late_rejections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(late_rx);
         let stores = Arc::new(Stores {
@@ -311,6 +318,7 @@ impl SyncEngine {
             redis_ttl_secs: self.config.redis_ttl_secs.into(),
             sql_write_timeout: self.config.sql_write_timeout,
             late_rejections: late_tx,
+            filter,
         });
         // The queue holds two batches' worth of items and the batch channel two batches:
         // enough to keep batching while earlier batches are written, and no more.
@@ -320,6 +328,7 @@ impl SyncEngine {
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
+        self.tasks.spawn(filter_task::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_audit::run(stores.clone(), self.config.audit_keys_per_sec, self.stopping.clone()));
         self.tasks.spawn(reconfigure::run(
             stores.clone(),
@@ -363,6 +372,7 @@ impl SyncEngine {
             wal_bytes,
             l2_stale_ids: stores.l2_dirty.len() as u64,
             backpressure: self.pressure.refresh(),
+            filter: stores.filter.as_ref().map(|filter| filter.trust()),
         }
     }
 
@@ -521,6 +531,9 @@ impl SyncEngine {
                 Ok(None) => {}
                 Err(error) => tracing::warn!(%error, "L2 read failed, falling back to L3"),
             }
+        }
+        if filter_task::l3_surely_lacks(stores, id) {
+            return Ok(None);
         }
         let Some(l3) = &stores.l3 else { return Ok(None) };
         let Some(item) = l3.get(id).await? else { return Ok(None) };

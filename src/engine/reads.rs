@@ -71,6 +71,7 @@ impl SyncEngine {
             missing.retain(|id| !found.contains_key(*id));
         }
         let Some(l3) = &stores.l3 else { return Ok(found) };
+        missing.retain(|id| !super::filter_task::l3_surely_lacks(stores, id));
         if missing.is_empty() {
             return Ok(found);
         }
@@ -105,6 +106,9 @@ impl SyncEngine {
                 // L3 holds what L2 would (invariant 6): it can answer instead.
                 Err(error) => tracing::warn!(%error, "L2 read failed, falling back to L3"),
             }
+        }
+        if super::filter_task::l3_surely_lacks(stores, id) {
+            return Ok(false);
         }
         match &stores.l3 {
             Some(l3) => Ok(l3.live(id).await?.unwrap_or(false)),

@@ -190,6 +190,8 @@ async fn drain(stores: &Stores, wal: &SharedWal, stopping: &CancellationToken) -
 /// each item L3 rejects is reported instead of blocking the drain. Lost lock races are retried
 /// here: they say nothing about L3's health.
 async fn write_frame(stores: &Stores, l3: &dyn ArchiveStore, items: &[&SyncItem]) -> Result<HeldRows, StoreError> {
+    // Into the membership filter before L3 can hold them (a restart's filter is empty).
+    super::filter_task::note_l3_write(stores, items);
     let newest = newest_per_id(items);
     match write_with_retries(stores, l3, &newest).await {
         Err(StoreError::Rejected(error)) => {

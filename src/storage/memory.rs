@@ -232,6 +232,8 @@ impl CacheStore for MemoryCacheStore {
 struct Row {
     item: SyncItem,
     updated_at_ms: u64,
+    /// When the id was first inserted (L3's `created_at_ms`): kept by later writes.
+    created_at_ms: i64,
 }
 
 impl Row {
@@ -335,7 +337,8 @@ impl ArchiveStore for MemoryArchiveStore {
             for item in items {
                 let replace = rows.get(&item.id).is_none_or(|row| item.supersedes(&row.item));
                 if replace {
-                    rows.insert(item.id.clone(), Row { item: (*item).clone(), updated_at_ms: now_ms() });
+                    let created_at_ms = rows.get(&item.id).map_or(now_ms() as i64, |row| row.created_at_ms);
+                    rows.insert(item.id.clone(), Row { item: (*item).clone(), updated_at_ms: now_ms(), created_at_ms });
                 }
                 held.insert(item.id.clone(), rows[&item.id].held());
             }
@@ -406,6 +409,51 @@ impl ArchiveStore for MemoryArchiveStore {
         Box::pin(async move {
             self.check()?;
             Ok(lock(&self.rows).values().filter(|row| selects(&selection, &row.item)).count() as u64)
+        })
+    }
+
+    fn ids_after<'a>(
+        &'a self,
+        after: Option<&'a [u8]>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let after = after.unwrap_or_default();
+            // String order is byte order: the map's order is L3's.
+            Ok(lock(&self.rows)
+                .keys()
+                .filter(|id| id.as_bytes() > after)
+                .take(limit.max(1))
+                .map(|id| id.as_bytes().to_vec())
+                .collect())
+        })
+    }
+
+    fn clock_ms(&self) -> StoreFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(now_ms() as i64)
+        })
+    }
+
+    fn ids_created_since<'a>(
+        &'a self,
+        since: i64,
+        after: Option<(i64, &'a [u8])>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<(i64, Vec<u8>)>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let after = after.unwrap_or((since, b""));
+            let mut created: Vec<(i64, Vec<u8>)> = lock(&self.rows)
+                .iter()
+                .filter(|(id, row)| row.created_at_ms >= since && (row.created_at_ms, id.as_bytes()) > after)
+                .map(|(id, row)| (row.created_at_ms, id.as_bytes().to_vec()))
+                .collect();
+            created.sort_unstable();
+            created.truncate(limit.max(1));
+            Ok(created)
         })
     }
 

@@ -119,6 +119,15 @@ pub fn scan_sql(table: &str, selection: &Selection, ids_only: bool) -> String {
     format!("SELECT {columns} FROM {table} WHERE deleted = 0 AND {condition} AND id > ? ORDER BY id LIMIT ?")
 }
 
+/// `SELECT` of the ids of rows created at or after the first `?`, after the key
+/// `(created_at_ms, id)` bound to the next three, in key order, at most the last `?`.
+pub fn ids_created_since_sql(table: &str) -> String {
+    format!(
+        "SELECT created_at_ms, id FROM {table} WHERE created_at_ms >= ? \
+         AND (created_at_ms > ? OR (created_at_ms = ? AND id > ?)) ORDER BY created_at_ms, id LIMIT ?"
+    )
+}
+
 /// `SELECT COUNT(*)` of the live rows a selection holds.
 pub fn count_sql(table: &str, selection: &Selection) -> String {
     let (condition, _) = selection.condition();
@@ -263,6 +272,47 @@ impl ArchiveStore for SqlStore {
             match self {
                 SqlStore::MySql(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
                 SqlStore::Sqlite(store) => store.scan_ids(&selection, after.unwrap_or_default(), limit).await,
+            }
+        })
+    }
+
+    fn ids_after<'a>(
+        &'a self,
+        after: Option<&'a [u8]>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+            let after = after.unwrap_or_default();
+            match self {
+                SqlStore::MySql(store) => store.ids_after(after, limit).await,
+                SqlStore::Sqlite(store) => store.ids_after(after, limit).await,
+            }
+        })
+    }
+
+    fn clock_ms(&self) -> StoreFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move {
+            match self {
+                SqlStore::MySql(store) => store.db_now_ms().await,
+                SqlStore::Sqlite(store) => store.db_now_ms().await,
+            }
+        })
+    }
+
+    fn ids_created_since<'a>(
+        &'a self,
+        since: i64,
+        after: Option<(i64, &'a [u8])>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<(i64, Vec<u8>)>, StoreError>> {
+        Box::pin(async move {
+            let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+            // `id > ''` holds for every valid id (1..=255 bytes).
+            let (from, after_id) = after.unwrap_or((since, b""));
+            match self {
+                SqlStore::MySql(store) => store.ids_created_since(since, from, after_id, limit).await,
+                SqlStore::Sqlite(store) => store.ids_created_since(since, from, after_id, limit).await,
             }
         })
     }

@@ -45,6 +45,16 @@ const MIGRATIONS: [(i64, &str); 1] = [(
 /// `ADD COLUMN IF NOT EXISTS`, and on a table some other process migrated meanwhile.
 const STATE_MIGRATION: i64 = 2;
 
+/// The migration that adds `created_at_ms` (`add_created_at`): stamped by the database when
+/// a row is first inserted (a column default, so every writer sets it, this version or not),
+/// never changed by an update; indexed, so the membership filter's tail can read what other
+/// processes inserted.
+const CREATED_AT_MIGRATION: i64 = 3;
+
+/// The database clock in ms since the epoch, independent of the session's time zone
+/// (`UNIX_TIMESTAMP(NOW(3))` is not, across a daylight-saving change).
+const NOW_MS: &str = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(3)) DIV 1000)";
+
 const GUARD: &str = "VALUES(version) > version OR (VALUES(version) = version \
     AND VALUES(origin_topic) = origin_topic AND VALUES(origin_partition) = origin_partition \
     AND VALUES(origin_offset) > origin_offset)";
@@ -91,7 +101,7 @@ impl MySqlStore {
         let create_ledger =
             format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
         sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, CREATED_AT_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -104,6 +114,7 @@ impl MySqlStore {
                         let statement = template.replace("{table}", &self.table);
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
+                    None if version == CREATED_AT_MIGRATION => self.add_created_at().await?,
                     None => self.add_state().await?,
                 }
                 sqlx::query(&format!("INSERT IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
@@ -145,6 +156,53 @@ impl MySqlStore {
                 continue;
             }
             if let Err(error) = sqlx::query(&alter).execute(&self.pool).await {
+                if !present().await? {
+                    return Err(classify(error));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `created_at_ms` (nullable: existing rows keep NULL, and adding it is instant),
+    /// then its default (the database clock: metadata only), then its index (built online).
+    /// Rows from before have NULL: the filter's warm-up pages every id, so it needs no stamp.
+    async fn add_created_at(&self) -> Result<(), StoreError> {
+        let table = &self.table;
+        let steps = [
+            (
+                "SELECT COUNT(*) FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND column_name = 'created_at_ms'",
+                format!("ALTER TABLE {table} ADD COLUMN created_at_ms BIGINT NULL"),
+            ),
+            (
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
+                 AND table_name = ? AND column_name = 'created_at_ms' AND column_default IS NOT NULL \
+                 AND column_default <> 'NULL'",
+                format!("ALTER TABLE {table} ALTER COLUMN created_at_ms SET DEFAULT {NOW_MS}"),
+            ),
+            (
+                "SELECT COUNT(*) FROM information_schema.statistics \
+                 WHERE table_schema = DATABASE() AND table_name = ? AND index_name = 'created_at_ms'",
+                format!("ALTER TABLE {table} ADD INDEX created_at_ms (created_at_ms)"),
+            ),
+        ];
+        self.alter_unless_present(&steps).await
+    }
+
+    /// Runs each `ALTER` whose check counts nothing yet. Another process altering the table
+    /// at the same time is fine: a failed `ALTER` is an error only if its check still fails.
+    async fn alter_unless_present(&self, steps: &[(&str, String)]) -> Result<(), StoreError> {
+        let table = &self.table;
+        for (check, alter) in steps {
+            let present = || async {
+                let count: i64 = sqlx::query_scalar(check).bind(table).fetch_one(&self.pool).await.map_err(classify)?;
+                Ok::<bool, StoreError>(count > 0)
+            };
+            if present().await? {
+                continue;
+            }
+            if let Err(error) = sqlx::query(alter).execute(&self.pool).await {
                 if !present().await? {
                     return Err(classify(error));
                 }
@@ -272,6 +330,37 @@ impl MySqlStore {
                 Ok(String::from_utf8_lossy(&id).into_owned())
             })
             .collect()
+    }
+
+    /// Every id (tombstones included) above `after`, by id, at most `limit`.
+    pub async fn ids_after(&self, after: &[u8], limit: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let statement = format!("SELECT id FROM {} WHERE id > ? ORDER BY id LIMIT ?", self.table);
+        sqlx::query_scalar(&statement).bind(after).bind(limit).fetch_all(&self.pool).await.map_err(classify)
+    }
+
+    /// The clock `created_at_ms` is stamped with.
+    pub async fn db_now_ms(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(&format!("SELECT {NOW_MS}")).fetch_one(&self.pool).await.map_err(classify)
+    }
+
+    /// See `SqlStore::ids_created_since`: the key to continue after is `(from, after_id)`.
+    pub async fn ids_created_since(
+        &self,
+        since: i64,
+        from: i64,
+        after_id: &[u8],
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let statement = sql::ids_created_since_sql(&self.table);
+        sqlx::query_as(&statement)
+            .bind(since)
+            .bind(from)
+            .bind(from)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)
     }
 
     pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {

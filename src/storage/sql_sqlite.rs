@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::sql::{self, chunks, classify, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
 use crate::storage::{RowSummary, StoreError, Stored};
 
 pub struct SqliteStore {
@@ -40,6 +40,14 @@ const MIGRATIONS: [(i64, &str); 1] = [(
 /// The migration that adds the `state` column and its `(state, id)` index (`add_state`):
 /// SQLite has no `ADD COLUMN IF NOT EXISTS`, so the table's columns are checked first.
 const STATE_MIGRATION: i64 = 2;
+
+/// The migration that adds `created_at_ms` and its index (`add_created_at`). SQLite cannot
+/// add a column whose default is an expression, so the upsert stamps it: set on insert,
+/// never assigned on conflict.
+const CREATED_AT_MIGRATION: i64 = 3;
+
+/// The database clock in ms since the epoch (`created_at_ms`).
+const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
 
 /// SQLite integers are signed: a version above `i64::MAX` cannot be stored as is.
 pub fn refuses(item: &SyncItem) -> Option<String> {
@@ -75,7 +83,7 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, CREATED_AT_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -88,6 +96,7 @@ impl SqliteStore {
                         let statement = template.replace("{table}", &self.table);
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
+                    None if version == CREATED_AT_MIGRATION => self.add_created_at().await?,
                     None => self.add_state().await?,
                 }
                 sqlx::query(&format!("INSERT OR IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
@@ -123,15 +132,41 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Adds `created_at_ms` unless `pragma table_info` lists it, and its index
+    /// `<table>_created_at_ms`. Rows from before keep NULL: the filter's warm-up pages every id.
+    async fn add_created_at(&self) -> Result<(), StoreError> {
+        let table = &self.table;
+        let present: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'created_at_ms'"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        if present == 0 {
+            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN created_at_ms INTEGER NULL"))
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+        }
+        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {table}_created_at_ms ON {table} (created_at_ms)"))
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     fn upsert_sql(&self, rows: usize) -> String {
         let table = &self.table;
         let assignments: Vec<String> = ASSIGNED.iter().map(|column| format!("{column} = excluded.{column}")).collect();
+        // Each row's values, then the insert's `created_at_ms` (not among the assigned columns:
+        // an update keeps the first insert's stamp).
+        let row = format!("({}, {NOW_MS})", vec!["?"; COLUMN_COUNT].join(", "));
+        let values = vec![row; rows].join(", ");
         format!(
-            "INSERT INTO {table} ({COLUMNS}) VALUES {} ON CONFLICT(id) DO UPDATE SET {} \
+            "INSERT INTO {table} ({COLUMNS}, created_at_ms) VALUES {values} ON CONFLICT(id) DO UPDATE SET {} \
              WHERE excluded.version > {table}.version OR (excluded.version = {table}.version \
              AND excluded.origin_topic = {table}.origin_topic AND excluded.origin_partition = {table}.origin_partition \
              AND excluded.origin_offset > {table}.origin_offset)",
-            placeholders(rows, COLUMN_COUNT),
             assignments.join(", ")
         )
     }
@@ -248,6 +283,37 @@ impl SqliteStore {
                 Ok(String::from_utf8_lossy(&id).into_owned())
             })
             .collect()
+    }
+
+    /// Every id (tombstones included) above `after`, by id, at most `limit`.
+    pub async fn ids_after(&self, after: &[u8], limit: i64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let statement = format!("SELECT id FROM {} WHERE id > ? ORDER BY id LIMIT ?", self.table);
+        sqlx::query_scalar(&statement).bind(after).bind(limit).fetch_all(&self.pool).await.map_err(classify)
+    }
+
+    /// The clock `created_at_ms` is stamped with.
+    pub async fn db_now_ms(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(&format!("SELECT {NOW_MS}")).fetch_one(&self.pool).await.map_err(classify)
+    }
+
+    /// See `SqlStore::ids_created_since`: the key to continue after is `(from, after_id)`.
+    pub async fn ids_created_since(
+        &self,
+        since: i64,
+        from: i64,
+        after_id: &[u8],
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let statement = sql::ids_created_since_sql(&self.table);
+        sqlx::query_as(&statement)
+            .bind(since)
+            .bind(from)
+            .bind(from)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)
     }
 
     pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {

@@ -144,6 +144,41 @@ pub trait ArchiveStore: Send + Sync {
     /// How many live items a selection holds.
     fn count<'a>(&'a self, selection: Selection<'a>) -> StoreFuture<'a, Result<u64, StoreError>>;
 
+    /// Every id with a row (tombstones included) above `after`, in byte order, at most
+    /// `limit`: keyset pages (`WHERE id > ? ORDER BY id LIMIT ?`, never `OFFSET`), the ids as
+    /// stored bytes so a page's last id continues exactly. The membership filter's warm-up
+    /// (`crate::filter`). A store that cannot list its ids keeps this default: `Rejected`, and
+    /// the filter stays untrusted (every read goes to the store).
+    fn ids_after<'a>(
+        &'a self,
+        after: Option<&'a [u8]>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<Vec<u8>>, StoreError>> {
+        let _ = (after, limit);
+        Box::pin(async move { Err(StoreError::Rejected(format!("the {} store does not list its ids", self.kind()))) })
+    }
+
+    /// The store's clock in ms since the epoch: the clock that stamps a row's creation.
+    fn clock_ms(&self) -> StoreFuture<'_, Result<i64, StoreError>> {
+        Box::pin(async move { Err(StoreError::Rejected(format!("the {} store has no clock", self.kind()))) })
+    }
+
+    /// Ids of rows first inserted at or after `since` (the store's clock, stamped once, never
+    /// changed by an update), after the key `(created, id)` (from the start when `None`),
+    /// ordered by that key, at most `limit`, with their creation stamp. The membership
+    /// filter's tail of other writers' inserts.
+    fn ids_created_since<'a>(
+        &'a self,
+        since: i64,
+        after: Option<(i64, &'a [u8])>,
+        limit: usize,
+    ) -> StoreFuture<'a, Result<Vec<(i64, Vec<u8>)>, StoreError>> {
+        let _ = (since, after, limit);
+        Box::pin(
+            async move { Err(StoreError::Rejected(format!("the {} store does not list its inserts", self.kind()))) },
+        )
+    }
+
     /// Every row's id, version, hash and tombstone flag (verification).
     fn summaries(&self) -> StoreFuture<'_, Result<Vec<RowSummary>, StoreError>>;
 
