@@ -127,6 +127,11 @@ pub struct SyncEngineConfig {
     /// (default: warn 50, throttle 70, critical 85, emergency 95, shutdown 100, left 10
     /// points below).
     pub backpressure: BackpressureThresholds,
+    /// Keep the merkle tree over L3 (`SYNC_MERKLE`, default on): every L3 write marks its ids
+    /// in its transaction and a background task folds the marks into the tree
+    /// (`engine/merkle_task.rs`). Off: writes carry no marks and the tree is flagged stale, to
+    /// be rebuilt at the next start with it on.
+    pub merkle: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -206,6 +211,19 @@ fn instance_id(r: &mut Reader<'_>) -> Option<String> {
         return None;
     }
     Some(id)
+}
+
+/// A boolean variable: `1`/`true`/`on` or `0`/`false`/`off`.
+fn flag(r: &mut Reader<'_>, name: &str, default: bool) -> bool {
+    let Some(raw) = r.vars.get(name) else { return default };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => true,
+        "0" | "false" | "off" | "no" => false,
+        _ => {
+            r.problem(name, format!("expected 1/true/on or 0/false/off, got {raw:?}"));
+            default
+        }
+    }
 }
 
 pub fn comma_list(text: &str) -> Vec<String> {
@@ -326,6 +344,7 @@ impl Config {
             // One budget: the worker's records, the engine's queue and L1 share it.
             memory_budget_bytes: kafka.memory_budget_bytes,
             backpressure,
+            merkle: flag(&mut r, "SYNC_MERKLE", true),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -355,6 +374,7 @@ impl Default for SyncEngineConfig {
             shutdown_grace: Duration::from_secs(30),
             memory_budget_bytes: 256 << 20,
             backpressure: BackpressureThresholds::default(),
+            merkle: true,
         }
     }
 }
@@ -398,6 +418,18 @@ mod tests {
         assert_eq!(config.kafka.topics, vec!["a", "b"]);
         assert_eq!(config.engine.batch.max_items, 1000);
         assert_eq!(config.kafka.passthrough["security.protocol"].expose(), "SASL_SSL");
+        assert!(config.engine.merkle);
+    }
+
+    #[test]
+    fn the_merkle_switch_takes_on_and_off_and_names_a_bad_value() {
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        assert!(!with(&[("SYNC_MERKLE", "0")]).unwrap().engine.merkle);
+        assert!(!with(&[("SYNC_MERKLE", "off")]).unwrap().engine.merkle);
+        assert!(with(&[("SYNC_MERKLE", "true")]).unwrap().engine.merkle);
+        let bad = with(&[("SYNC_MERKLE", "maybe")]).unwrap_err().to_string();
+        assert!(bad.contains("SYNC_MERKLE"), "{bad}");
     }
 
     #[test]

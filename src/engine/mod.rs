@@ -23,6 +23,7 @@ mod backpressure;
 mod batching;
 mod flushing;
 mod l2_repair;
+mod merkle_task;
 mod pending;
 mod prefix;
 mod reconfigure;
@@ -256,6 +257,13 @@ impl SyncEngine {
             Some(url) => Some(SqlStore::connect(url.expose(), &self.config.sql_table).await?),
             None => None,
         };
+        if let Some(l3) = &l3 {
+            // Marks ride in every L3 write's transaction; with them off the tree is stale.
+            l3.set_merkle_marks(self.config.merkle);
+            if !self.config.merkle {
+                l3.merkle_invalidate().await?;
+            }
+        }
         let wal = match (&l3, &self.config.wal_dir) {
             (Some(_), Some(dir)) => {
                 Some(wal_drain::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?)
@@ -294,6 +302,9 @@ impl SyncEngine {
         self.tasks.spawn(flushing::run(batch_rx, stores.clone(), self.aborting.clone()));
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
+        if self.config.merkle {
+            self.tasks.spawn(merkle_task::run(stores.clone(), self.stopping.clone()));
+        }
         self.tasks.spawn(reconfigure::run(stores.clone(), self.pressure.clone(), self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(backpressure::run_relief(self.pressure.clone(), self.stopping.clone()));
         self.tasks.close();

@@ -52,7 +52,7 @@ mod diff;
 mod path_merkle;
 
 pub use diff::MerkleDiff;
-pub use path_merkle::{MerkleNode, PathMerkle};
+pub use path_merkle::{reference_root, MerkleNode, PathMerkle};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

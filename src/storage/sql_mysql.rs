@@ -3,21 +3,23 @@
 //! MariaDB has no `AS new` row alias, so the guard reads incoming values with `VALUES()`.
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError, Stored};
+use crate::storage::{sql_merkle, RowSummary, StoreError, Stored};
 
 pub struct MySqlStore {
-    pool: MySqlPool,
-    table: String,
+    pub(super) pool: MySqlPool,
+    pub(super) table: String,
     /// The server's `max_allowed_packet`, read at connect: statements must stay under it.
     max_allowed_packet: u64,
     /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
     pub(super) read_statements: AtomicU64,
+    /// Whether `write_batch` marks ids for the merkle tree (`sql_merkle.rs`).
+    pub(super) merkle_marks: AtomicBool,
 }
 
 /// Room in a one-row statement for everything but the content (SQL text, id, hash, origin).
@@ -62,7 +64,7 @@ impl MySqlStore {
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
         let store =
-            MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0) };
+            MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0), merkle_marks: AtomicBool::new(false) };
         store.migrate().await?;
         Ok(store)
     }
@@ -91,7 +93,7 @@ impl MySqlStore {
         let create_ledger =
             format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
         sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -104,7 +106,12 @@ impl MySqlStore {
                         let statement = template.replace("{table}", &self.table);
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
-                    None => self.add_state().await?,
+                    None if version == STATE_MIGRATION => self.add_state().await?,
+                    None => {
+                        for statement in sql_merkle::create_statements(&self.table, true) {
+                            sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                        }
+                    }
                 }
                 sqlx::query(&format!("INSERT IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
@@ -190,6 +197,15 @@ impl MySqlStore {
                     .bind(item.state.as_deref().map(str::as_bytes));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
+            // The merkle tree's durable dirty marks, in the batch's transaction (sql_merkle.rs).
+            if self.merkle_marks.load(Ordering::Relaxed) {
+                let statement = sql_merkle::mark_sql(&self.table, chunk.len());
+                let mut query = sqlx::query(&statement);
+                for item in chunk {
+                    query = query.bind(item.id.as_bytes());
+                }
+                query.execute(&mut *transaction).await.map_err(classify)?;
+            }
             // Read back under the row locks the upsert holds: what this transaction commits.
             let select = sql::held_rows_sql(&self.table, chunk.len(), true);
             let mut query = sqlx::query(&select);

@@ -5,20 +5,22 @@
 //! `synchronous = FULL` because offsets are committed on this durability.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError, Stored};
+use crate::storage::{sql_merkle, RowSummary, StoreError, Stored};
 
 pub struct SqliteStore {
-    pool: SqlitePool,
-    table: String,
+    pub(super) pool: SqlitePool,
+    pub(super) table: String,
     /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
     pub(super) read_statements: AtomicU64,
+    /// Whether `write_batch` marks ids for the merkle tree (`sql_merkle.rs`).
+    pub(super) merkle_marks: AtomicBool,
 }
 
 const MIGRATIONS: [(i64, &str); 1] = [(
@@ -62,7 +64,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        let store = SqliteStore { pool, table: table.to_owned(), read_statements: AtomicU64::new(0) };
+        let store = SqliteStore { pool, table: table.to_owned(), read_statements: AtomicU64::new(0), merkle_marks: AtomicBool::new(false) };
         store.migrate().await?;
         Ok(store)
     }
@@ -75,7 +77,7 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -88,7 +90,12 @@ impl SqliteStore {
                         let statement = template.replace("{table}", &self.table);
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
-                    None => self.add_state().await?,
+                    None if version == STATE_MIGRATION => self.add_state().await?,
+                    None => {
+                        for statement in sql_merkle::create_statements(&self.table, false) {
+                            sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                        }
+                    }
                 }
                 sqlx::query(&format!("INSERT OR IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
@@ -162,6 +169,15 @@ impl SqliteStore {
                     .bind(item.state.as_deref().map(str::as_bytes));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
+            // The merkle tree's durable dirty marks, in the batch's transaction (sql_merkle.rs).
+            if self.merkle_marks.load(Ordering::Relaxed) {
+                let statement = sql_merkle::mark_sql(&self.table, chunk.len());
+                let mut query = sqlx::query(&statement);
+                for item in chunk {
+                    query = query.bind(item.id.as_bytes());
+                }
+                query.execute(&mut *transaction).await.map_err(classify)?;
+            }
             // SQLite has one writer: the read-back sees exactly what this transaction commits.
             let select = sql::held_rows_sql(&self.table, chunk.len(), false);
             let mut query = sqlx::query(&select);

@@ -1,0 +1,500 @@
+//! L3's merkle tree (`crate::merkle` defines it): its slots in `<table>_merkle`, and durable
+//! dirty marks in `<table>_merkle_dirty`.
+//!
+//! **Marks.** With marks on (`SqlStore::set_merkle_marks`, the engine's `SYNC_MERKLE`),
+//! `write_batch` appends every written id to `<table>_merkle_dirty` inside the batch's own
+//! transaction: a committed row change always has its mark, even after a `kill -9`. The mark
+//! log is append-only (an auto-increment `seq`, no unique id), so a write never waits on a lock
+//! held by a drain.
+//!
+//! **Drain.** `merkle_drain_step` takes up to N marks in `seq` order, reads those ids' rows,
+//! recomputes their leaves and every ancestor (`merkle::apply`), deletes exactly the marks it
+//! read (by `seq`: a mark committed meanwhile stays for the next step) and commits, all in one
+//! transaction. On MySQL the transaction first locks the `0xFE` slot (`FOR UPDATE`), so drains
+//! of several pods sharing one L3 run one at a time, each on a snapshot taken after the
+//! previous one committed. A row written after the snapshot has a mark the step did not read.
+//!
+//! **Built.** The `0xFD` slot says every row change since the tree was (re)built has a mark.
+//! An engine started with `SYNC_MERKLE=0` removes it, since it writes without marks; the next
+//! start with marks on (`merkle_ensure_built`) deletes the slots and marks every row once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+
+use sqlx::Row;
+
+use crate::merkle::{self, leaf_hash, Hash, MerkleBatch, MerkleError, SlotRead, SlotStore};
+use crate::storage::sql::{classify, SqlStore};
+use crate::storage::StoreError;
+
+/// The migration that creates the merkle tables (after the `state` migration, 2).
+pub const MERKLE_MIGRATION: i64 = 3;
+/// The slot every drain locks first (MySQL), and the "built" flag; outside every path's range.
+const LOCK_SLOT: &[u8] = &[0xFE];
+const BUILT_SLOT: &[u8] = &[0xFD];
+/// Marks one drain step takes at most.
+pub const DRAIN_STEP_MARKS: usize = 5000;
+/// List lengths statements are padded to (the last element repeated), so few shapes are prepared.
+const SHAPES: [usize; 4] = [1, 10, 100, 1000];
+const RANGE_SHAPES: [usize; 3] = [1, 10, 100];
+const PUT_SHAPES: [usize; 4] = [1, 10, 100, 500];
+
+/// The statements that create the merkle tables; `mysql` picks the dialect.
+pub fn create_statements(table: &str, mysql: bool) -> [String; 3] {
+    if mysql {
+        [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {table}_merkle (k VARBINARY(700) NOT NULL PRIMARY KEY, v BLOB NOT NULL) ENGINE=InnoDB"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {table}_merkle_dirty (seq BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+                 id VARBINARY(255) NOT NULL) ENGINE=InnoDB"
+            ),
+            format!("INSERT IGNORE INTO {table}_merkle (k, v) VALUES (x'FE', x'')"),
+        ]
+    } else {
+        [
+            format!("CREATE TABLE IF NOT EXISTS {table}_merkle (k BLOB NOT NULL PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"),
+            format!("CREATE TABLE IF NOT EXISTS {table}_merkle_dirty (seq INTEGER PRIMARY KEY, id BLOB NOT NULL)"),
+            format!("INSERT OR IGNORE INTO {table}_merkle (k, v) VALUES (x'FE', x'')"),
+        ]
+    }
+}
+
+/// `INSERT` of `rows` marks (one id each), run by `write_batch` inside its transaction.
+pub fn mark_sql(table: &str, rows: usize) -> String {
+    format!("INSERT INTO {table}_merkle_dirty (id) VALUES {}", vec!["(?)"; rows].join(", "))
+}
+
+/// `items` cut into lists of at most the largest shape, each padded up to a shape.
+fn padded<T: Clone>(items: &[T], shapes: &[usize]) -> Vec<Vec<T>> {
+    let largest = shapes[shapes.len() - 1];
+    items
+        .chunks(largest)
+        .map(|chunk| {
+            let shape = shapes.iter().copied().find(|&shape| shape >= chunk.len()).unwrap_or(chunk.len());
+            let mut list = chunk.to_vec();
+            list.resize(shape, chunk[chunk.len() - 1].clone());
+            list
+        })
+        .collect()
+}
+
+fn list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// The smallest key above every key that starts with `prefix` (`None`: no bound).
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut bound = prefix.to_vec();
+    while let Some(last) = bound.pop() {
+        if last < 0xFF {
+            bound.push(last + 1);
+            return Some(bound);
+        }
+    }
+    None
+}
+
+enum Conn<'a> {
+    My(sqlx::Transaction<'a, sqlx::MySql>),
+    Lite(sqlx::Transaction<'a, sqlx::Sqlite>),
+}
+
+/// The same body for both backends (the executor is `&mut **$c`).
+macro_rules! on_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            Conn::My($c) => $body,
+            Conn::Lite($c) => $body,
+        }
+    };
+}
+
+/// A merkle tree in L3, read and written inside one transaction. Dropped without `commit`, it
+/// rolls back. As a `SlotRead` it is what `sync-engine diff` compares: one consistent snapshot.
+pub struct SqlSlots<'a> {
+    conn: Conn<'a>,
+    table: String,
+}
+
+impl SqlSlots<'_> {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        match self.conn {
+            Conn::My(tx) => tx.commit().await.map_err(classify),
+            Conn::Lite(tx) => tx.commit().await.map_err(classify),
+        }
+    }
+
+    /// Waits for other drains of this tree to commit (MySQL; SQLite has one writer).
+    async fn lock(&mut self) -> Result<(), StoreError> {
+        if let Conn::My(tx) = &mut self.conn {
+            let statement = format!("SELECT v FROM {}_merkle WHERE k = ? FOR UPDATE", self.table);
+            sqlx::query(&statement).bind(LOCK_SLOT).fetch_optional(&mut **tx).await.map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, statement: &str, values: &[&[u8]]) -> Result<u64, StoreError> {
+        on_conn!(&mut self.conn, c => {
+            let mut query = sqlx::query(statement);
+            for value in values {
+                query = query.bind(*value);
+            }
+            Ok(query.execute(&mut **c).await.map_err(classify)?.rows_affected())
+        })
+    }
+
+    /// `(k, v)` rows of a statement over the slots table.
+    async fn slot_rows(&mut self, statement: &str, values: &[&[u8]]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        on_conn!(&mut self.conn, c => {
+            let mut query = sqlx::query(statement);
+            for value in values {
+                query = query.bind(*value);
+            }
+            let rows = query.fetch_all(&mut **c).await.map_err(classify)?;
+            rows.iter()
+                .map(|row| Ok((row.try_get::<Vec<u8>, _>("k").map_err(classify)?, row.try_get::<Vec<u8>, _>("v").map_err(classify)?)))
+                .collect()
+        })
+    }
+
+    /// Up to `limit` marks, oldest first: `(seq, id)`.
+    async fn marks(&mut self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
+        let statement = format!("SELECT seq, id FROM {}_merkle_dirty ORDER BY seq LIMIT ?", self.table);
+        let id_of = |id: Vec<u8>| String::from_utf8_lossy(&id).into_owned();
+        match &mut self.conn {
+            Conn::My(tx) => {
+                let rows = sqlx::query(&statement).bind(limit as i64).fetch_all(&mut **tx).await.map_err(classify)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<u64, _>("seq").map_err(classify)? as i64,
+                            id_of(row.try_get("id").map_err(classify)?),
+                        ))
+                    })
+                    .collect()
+            }
+            Conn::Lite(tx) => {
+                let rows = sqlx::query(&statement).bind(limit as i64).fetch_all(&mut **tx).await.map_err(classify)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.try_get::<i64, _>("seq").map_err(classify)?,
+                            id_of(row.try_get("id").map_err(classify)?),
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    async fn delete_marks(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
+        for chunk in padded(seqs, &SHAPES) {
+            let statement = format!("DELETE FROM {}_merkle_dirty WHERE seq IN ({})", self.table, list(chunk.len()));
+            on_conn!(&mut self.conn, c => {
+                let mut query = sqlx::query(&statement);
+                for seq in &chunk {
+                    query = query.bind(*seq);
+                }
+                query.execute(&mut **c).await.map_err(classify)?;
+            });
+        }
+        Ok(())
+    }
+
+    /// `(id, version, deleted, content_hash)` of the rows of these ids, as leaves.
+    async fn row_leaves(&mut self, ids: &[String]) -> Result<HashMap<String, Hash>, StoreError> {
+        let mut leaves = HashMap::with_capacity(ids.len());
+        for chunk in padded(ids, &SHAPES) {
+            let statement = format!(
+                "SELECT id, version, deleted, content_hash FROM {} WHERE id IN ({})",
+                self.table,
+                list(chunk.len())
+            );
+            let mut rows = Vec::new();
+            match &mut self.conn {
+                Conn::My(tx) => {
+                    let mut query = sqlx::query(&statement);
+                    for id in &chunk {
+                        query = query.bind(id.as_bytes());
+                    }
+                    for row in query.fetch_all(&mut **tx).await.map_err(classify)? {
+                        let version: u64 = row.try_get("version").map_err(classify)?;
+                        rows.push((
+                            row.try_get::<Vec<u8>, _>("id").map_err(classify)?,
+                            version,
+                            row.try_get::<bool, _>("deleted").map_err(classify)?,
+                            row.try_get::<Vec<u8>, _>("content_hash").map_err(classify)?,
+                        ));
+                    }
+                }
+                Conn::Lite(tx) => {
+                    let mut query = sqlx::query(&statement);
+                    for id in &chunk {
+                        query = query.bind(id.as_bytes());
+                    }
+                    for row in query.fetch_all(&mut **tx).await.map_err(classify)? {
+                        let version: i64 = row.try_get("version").map_err(classify)?;
+                        rows.push((
+                            row.try_get::<Vec<u8>, _>("id").map_err(classify)?,
+                            version as u64,
+                            row.try_get::<bool, _>("deleted").map_err(classify)?,
+                            row.try_get::<Vec<u8>, _>("content_hash").map_err(classify)?,
+                        ));
+                    }
+                }
+            }
+            for (id, version, deleted, hash) in rows {
+                let id = String::from_utf8_lossy(&id).into_owned();
+                let hash: Hash = hash.try_into().unwrap_or([0; 32]);
+                let leaf = leaf_hash(&id, version, deleted, &hash);
+                leaves.insert(id, leaf);
+            }
+        }
+        Ok(leaves)
+    }
+}
+
+impl SlotRead for SqlSlots<'_> {
+    async fn get(&mut self, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MerkleError> {
+        let mut out = HashMap::with_capacity(keys.len());
+        for chunk in padded(keys, &SHAPES) {
+            let statement = format!("SELECT k, v FROM {}_merkle WHERE k IN ({})", self.table, list(chunk.len()));
+            let values: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            out.extend(self.slot_rows(&statement, &values).await?);
+        }
+        Ok(out)
+    }
+
+    async fn scan(&mut self, prefixes: &[Vec<u8>]) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, MerkleError> {
+        let mut out: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); prefixes.len()];
+        let indexed: Vec<(Vec<u8>, usize)> = prefixes.iter().cloned().zip(0..).collect();
+        for chunk in padded(&indexed, &RANGE_SHAPES) {
+            let mut conditions = Vec::with_capacity(chunk.len());
+            let mut bounds = Vec::with_capacity(chunk.len() * 2);
+            for (prefix, _) in &chunk {
+                match successor(prefix) {
+                    Some(upper) => {
+                        conditions.push("(k >= ? AND k < ?)");
+                        bounds.push(prefix.clone());
+                        bounds.push(upper);
+                    }
+                    None => {
+                        conditions.push("(k >= ?)");
+                        bounds.push(prefix.clone());
+                    }
+                }
+            }
+            let statement =
+                format!("SELECT k, v FROM {}_merkle WHERE {} ORDER BY k", self.table, conditions.join(" OR "));
+            let values: Vec<&[u8]> = bounds.iter().map(Vec::as_slice).collect();
+            // Prefixes are prefix-free: a row belongs to the greatest prefix not above it.
+            let by_prefix: BTreeMap<&[u8], usize> =
+                chunk.iter().map(|(prefix, index)| (prefix.as_slice(), *index)).collect();
+            for (key, value) in self.slot_rows(&statement, &values).await? {
+                let owner = by_prefix.range(..=key.as_slice()).next_back();
+                if let Some((_, index)) = owner.filter(|(prefix, _)| key.starts_with(prefix)) {
+                    out[*index].push((key, value));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn leaves(&mut self, ids: &[String]) -> Result<HashMap<String, Hash>, MerkleError> {
+        Ok(self.row_leaves(ids).await?)
+    }
+}
+
+impl SlotStore for SqlSlots<'_> {
+    async fn write(&mut self, puts: Vec<(Vec<u8>, Vec<u8>)>, deletes: Vec<Vec<u8>>) -> Result<(), MerkleError> {
+        for chunk in padded(&deletes, &SHAPES) {
+            let statement = format!("DELETE FROM {}_merkle WHERE k IN ({})", self.table, list(chunk.len()));
+            let values: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            self.execute(&statement, &values).await?;
+        }
+        for chunk in padded(&puts, &PUT_SHAPES) {
+            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+            let statement = match self.conn {
+                Conn::My(_) => {
+                    format!(
+                        "INSERT INTO {}_merkle (k, v) VALUES {rows} ON DUPLICATE KEY UPDATE v = VALUES(v)",
+                        self.table
+                    )
+                }
+                Conn::Lite(_) => {
+                    format!(
+                        "INSERT INTO {}_merkle (k, v) VALUES {rows} ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                        self.table
+                    )
+                }
+            };
+            let values: Vec<&[u8]> = chunk.iter().flat_map(|(k, v)| [k.as_slice(), v.as_slice()]).collect();
+            self.execute(&statement, &values).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What one drain step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainStep {
+    /// Marks taken (and deleted).
+    pub marks: usize,
+    /// Distinct ids recomputed.
+    pub ids: usize,
+    pub root: Hash,
+}
+
+fn store_error(error: MerkleError) -> StoreError {
+    match error {
+        MerkleError::Store(error) => error,
+        MerkleError::Corrupt(why) => StoreError::Rejected(format!("merkle tree: {why} (rebuild it)")),
+    }
+}
+
+impl SqlStore {
+    /// Whether `write_batch` marks the ids it writes for the merkle tree (off by default;
+    /// the engine turns it on with `SYNC_MERKLE`).
+    pub fn set_merkle_marks(&self, on: bool) {
+        match self {
+            SqlStore::MySql(store) => store.merkle_marks.store(on, Ordering::Relaxed),
+            SqlStore::Sqlite(store) => store.merkle_marks.store(on, Ordering::Relaxed),
+        }
+    }
+
+    fn table_name(&self) -> &str {
+        match self {
+            SqlStore::MySql(store) => &store.table,
+            SqlStore::Sqlite(store) => &store.table,
+        }
+    }
+
+    /// The tree in a transaction of its own (see `SqlSlots`).
+    pub async fn merkle_slots(&self) -> Result<SqlSlots<'static>, StoreError> {
+        let conn = match self {
+            SqlStore::MySql(store) => Conn::My(store.pool.begin().await.map_err(classify)?),
+            SqlStore::Sqlite(store) => Conn::Lite(store.pool.begin().await.map_err(classify)?),
+        };
+        Ok(SqlSlots { conn, table: self.table_name().to_owned() })
+    }
+
+    /// The stored root (the empty root for no rows). Only as fresh as the last drain.
+    pub async fn merkle_root(&self) -> Result<Hash, StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        let root = merkle::stored_root(&mut slots).await.map_err(store_error)?;
+        slots.commit().await?;
+        Ok(root)
+    }
+
+    /// Marks ids by hand (rows changed outside `write_batch`, e.g. by an operator's `UPDATE`).
+    pub async fn merkle_mark(&self, ids: &[&str]) -> Result<(), StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        for chunk in ids.chunks(1000) {
+            let values: Vec<&[u8]> = chunk.iter().map(|id| id.as_bytes()).collect();
+            let statement = mark_sql(&slots.table, chunk.len());
+            slots.execute(&statement, &values).await?;
+        }
+        slots.commit().await
+    }
+
+    /// Marks not drained yet.
+    pub async fn merkle_pending(&self) -> Result<u64, StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        let statement = format!("SELECT COUNT(*) AS n FROM {}_merkle_dirty", self.table_name());
+        let count: i64 =
+            on_conn!(&mut slots.conn, c => sqlx::query_scalar(&statement).fetch_one(&mut **c).await.map_err(classify)?);
+        slots.commit().await?;
+        Ok(count.max(0) as u64)
+    }
+
+    /// One drain step: up to `max_marks` marks, their ids' leaves and ancestors, in one
+    /// transaction (module doc).
+    pub async fn merkle_drain_step(&self, max_marks: usize) -> Result<DrainStep, StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        slots.lock().await?;
+        let marks = slots.marks(max_marks.max(1)).await?;
+        if marks.is_empty() {
+            let root = merkle::stored_root(&mut slots).await.map_err(store_error)?;
+            slots.commit().await?;
+            return Ok(DrainStep { marks: 0, ids: 0, root });
+        }
+        let mut ids: Vec<String> = marks.iter().map(|(_, id)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let leaves = slots.row_leaves(&ids).await?;
+        let mut batch = MerkleBatch::new();
+        for id in &ids {
+            batch.leaves.insert(id.clone(), leaves.get(id).copied());
+        }
+        let root = merkle::apply(&mut slots, &batch).await.map_err(store_error)?;
+        let seqs: Vec<i64> = marks.iter().map(|(seq, _)| *seq).collect();
+        slots.delete_marks(&seqs).await?;
+        slots.commit().await?;
+        Ok(DrainStep { marks: marks.len(), ids: ids.len(), root })
+    }
+
+    /// Drains every mark; returns the root.
+    pub async fn merkle_drain(&self) -> Result<Hash, StoreError> {
+        loop {
+            let step = self.merkle_drain_step(DRAIN_STEP_MARKS).await?;
+            if step.marks == 0 {
+                return Ok(step.root);
+            }
+        }
+    }
+
+    /// If the tree is not known to be complete (new table, or written with marks off since),
+    /// deletes its slots and marks every row, in one transaction; the drain then rebuilds it.
+    /// Returns whether it did.
+    pub async fn merkle_ensure_built(&self) -> Result<bool, StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        slots.lock().await?;
+        if slots.get(&[BUILT_SLOT.to_vec()]).await.map_err(store_error)?.contains_key(BUILT_SLOT) {
+            slots.commit().await?;
+            return Ok(false);
+        }
+        let table = self.table_name();
+        slots.execute(&format!("DELETE FROM {table}_merkle WHERE k < ?"), &[BUILT_SLOT]).await?;
+        slots.execute(&format!("DELETE FROM {table}_merkle WHERE k = ?"), &[merkle::ROOT_SLOT]).await?;
+        slots
+            .execute(&format!("INSERT INTO {table}_merkle_dirty (id) SELECT id FROM {table} ORDER BY id"), &[])
+            .await?;
+        slots.write(vec![(BUILT_SLOT.to_vec(), Vec::new())], Vec::new()).await.map_err(store_error)?;
+        slots.commit().await?;
+        Ok(true)
+    }
+
+    /// Says the tree may miss changes (rows are written without marks from now on); the
+    /// next `merkle_ensure_built` rebuilds it.
+    pub async fn merkle_invalidate(&self) -> Result<(), StoreError> {
+        let mut slots = self.merkle_slots().await?;
+        let statement = format!("DELETE FROM {}_merkle WHERE k = ?", self.table_name());
+        slots.execute(&statement, &[BUILT_SLOT]).await?;
+        slots.commit().await
+    }
+
+    /// Rebuilds the tree from the rows: `merkle_invalidate`, `merkle_ensure_built`, drain.
+    pub async fn merkle_rebuild(&self) -> Result<Hash, StoreError> {
+        self.merkle_invalidate().await?;
+        self.merkle_ensure_built().await?;
+        self.merkle_drain().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_are_padded_to_few_shapes_and_successors_bound_prefixes() {
+        let items: Vec<u32> = (0..1234).collect();
+        let lists = padded(&items, &SHAPES);
+        assert_eq!(lists.iter().map(Vec::len).collect::<Vec<_>>(), vec![1000, 1000]);
+        assert!(lists[1][234..].iter().all(|n| *n == 1233));
+        assert_eq!(successor(&[0, 1, 0xFF]), Some(vec![0, 2]));
+        assert_eq!(successor(&[0xFF, 0xFF]), None);
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+    }
+}
