@@ -23,7 +23,8 @@ use std::sync::atomic::Ordering;
 
 use sqlx::Row;
 
-use crate::merkle::{self, leaf_hash, Hash, MerkleBatch, MerkleError, SlotRead, SlotStore};
+use crate::item::SyncItem;
+use crate::merkle::{self, leaf_hash, Hash, MerkleBatch, MerkleDiff, MerkleError, SlotRead, SlotStore};
 use crate::storage::sql::{classify, SqlStore};
 use crate::storage::StoreError;
 
@@ -480,6 +481,81 @@ impl SqlStore {
         self.merkle_invalidate().await?;
         self.merkle_ensure_built().await?;
         self.merkle_drain().await
+    }
+}
+
+/// What `repair` did with the divergent ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Repair {
+    /// Copied from the other store into this one (newer there, or only there).
+    pub to_local: Vec<String>,
+    /// Copied from this store into the other.
+    pub to_other: Vec<String>,
+    /// Left as they are: neither row supersedes the other (equal versions with different
+    /// content, say, which only a newer write can settle), or the guard refused the copy.
+    pub unrepairable: Vec<String>,
+}
+
+impl SqlStore {
+    /// Makes both trees current (a tree not known to be complete is rebuilt, then every mark
+    /// is drained) and compares them top-down: the ids whose rows differ, and the reads it took.
+    pub async fn merkle_diff(&self, other: &SqlStore) -> Result<MerkleDiff, StoreError> {
+        for store in [self, other] {
+            store.merkle_ensure_built().await?;
+            store.merkle_drain().await?;
+        }
+        let mut local = self.merkle_slots().await?;
+        let mut remote = other.merkle_slots().await?;
+        let diff = MerkleDiff::between(&mut local, &mut remote).await.map_err(store_error)?;
+        local.commit().await?;
+        remote.commit().await?;
+        Ok(diff)
+    }
+
+    /// Copies the newer row of each id to the store that lacks it or holds an older one,
+    /// through the version-guarded `write_batch` (in both directions), with marks on, so the
+    /// trees follow. `timeout` bounds each batch write.
+    pub async fn merkle_repair(
+        &self,
+        other: &SqlStore,
+        ids: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Repair, StoreError> {
+        let mut repair = Repair::default();
+        for chunk in ids.chunks(crate::storage::sql::READ_CHUNK_IDS) {
+            let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let by_id = |stored: Vec<crate::storage::Stored>| -> HashMap<String, SyncItem> {
+                stored.into_iter().map(|stored| (stored.item.id.clone(), stored.item)).collect()
+            };
+            let local = by_id(self.get_many(&refs).await?);
+            let remote = by_id(other.get_many(&refs).await?);
+            let (mut to_local, mut to_other) = (Vec::new(), Vec::new());
+            for id in chunk {
+                match (local.get(id), remote.get(id)) {
+                    (Some(mine), None) => to_other.push(mine),
+                    (None, Some(theirs)) => to_local.push(theirs),
+                    (Some(mine), Some(theirs)) if mine.supersedes(theirs) => to_other.push(mine),
+                    (Some(mine), Some(theirs)) if theirs.supersedes(mine) => to_local.push(theirs),
+                    _ => repair.unrepairable.push(id.clone()),
+                }
+            }
+            for (target, items, done) in [(self, to_local, &mut repair.to_local), (other, to_other, &mut repair.to_other)] {
+                if items.is_empty() {
+                    continue;
+                }
+                target.set_merkle_marks(true);
+                let held = target.write_batch(&items, timeout).await?;
+                for item in items {
+                    if held.get(&item.id).is_some_and(|row| row.is(item)) {
+                        done.push(item.id.clone());
+                    } else {
+                        repair.unrepairable.push(item.id.clone());
+                    }
+                }
+            }
+        }
+        repair.unrepairable.sort();
+        Ok(repair)
     }
 }
 

@@ -63,8 +63,13 @@ impl MySqlStore {
             .map_err(classify)?;
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
-        let store =
-            MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0), merkle_marks: AtomicBool::new(false) };
+        let store = MySqlStore {
+            pool,
+            table: table.to_owned(),
+            max_allowed_packet,
+            read_statements: AtomicU64::new(0),
+            merkle_marks: AtomicBool::new(false),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -93,7 +98,8 @@ impl MySqlStore {
         let create_ledger =
             format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
         sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
+        let versions =
+            MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)

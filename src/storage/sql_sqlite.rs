@@ -64,7 +64,12 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        let store = SqliteStore { pool, table: table.to_owned(), read_statements: AtomicU64::new(0), merkle_marks: AtomicBool::new(false) };
+        let store = SqliteStore {
+            pool,
+            table: table.to_owned(),
+            read_statements: AtomicU64::new(0),
+            merkle_marks: AtomicBool::new(false),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -77,7 +82,8 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
+        let versions =
+            MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, sql_merkle::MERKLE_MIGRATION]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
