@@ -39,7 +39,9 @@ pub struct DiffArgs {
 }
 
 async fn connect(url: &str, table: &str, what: &str) -> anyhow::Result<SqlStore> {
-    SqlStore::connect(url, table).await.with_context(|| format!("cannot open {what} L3 {} table {table}", redact_url(url)))
+    SqlStore::connect(url, table)
+        .await
+        .with_context(|| format!("cannot open {what} L3 {} table {table}", redact_url(url)))
 }
 
 /// How an id's row reads, for the report.

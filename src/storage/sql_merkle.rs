@@ -287,8 +287,16 @@ impl SlotRead for SqlSlots<'_> {
                     }
                 }
             }
-            let statement =
-                format!("SELECT k, v FROM {}_merkle WHERE {} ORDER BY k", self.table, conditions.join(" OR "));
+            // MySQL's range optimizer takes the OR of ranges as it is; SQLite's planner turns a
+            // long OR into a scan of the whole table, so there each range is its own SELECT.
+            let statement = match self.conn {
+                Conn::My(_) => format!("SELECT k, v FROM {}_merkle WHERE {}", self.table, conditions.join(" OR ")),
+                Conn::Lite(_) => conditions
+                    .iter()
+                    .map(|condition| format!("SELECT k, v FROM {}_merkle WHERE {condition}", self.table))
+                    .collect::<Vec<_>>()
+                    .join(" UNION ALL "),
+            };
             let values: Vec<&[u8]> = bounds.iter().map(Vec::as_slice).collect();
             // Prefixes are prefix-free: a row belongs to the greatest prefix not above it.
             let by_prefix: BTreeMap<&[u8], usize> =
@@ -299,6 +307,11 @@ impl SlotRead for SqlSlots<'_> {
                     out[*index].push((key, value));
                 }
             }
+        }
+        // In key order, and once each (a padded list repeats its last range).
+        for rows in &mut out {
+            rows.sort_unstable();
+            rows.dedup();
         }
         Ok(out)
     }
@@ -539,7 +552,9 @@ impl SqlStore {
                     _ => repair.unrepairable.push(id.clone()),
                 }
             }
-            for (target, items, done) in [(self, to_local, &mut repair.to_local), (other, to_other, &mut repair.to_other)] {
+            for (target, items, done) in
+                [(self, to_local, &mut repair.to_local), (other, to_other, &mut repair.to_other)]
+            {
                 if items.is_empty() {
                     continue;
                 }
