@@ -109,6 +109,7 @@ def main():
     }
     # Any SYNC_* setting in the bench's environment tunes the worker (e.g. SYNC_BATCH_MAX_ITEMS).
     env.update({k: v for k, v in os.environ.items() if k.startswith("SYNC_") and not k.startswith("SYNC_TEST_")})
+    merkle_lag = None
     worker = subprocess.Popen([args.binary, "run"], env=env)
     try:
         first_consumed = None
@@ -127,6 +128,15 @@ def main():
             time.sleep(0.1)
         done = time.time()
         text = metrics(port)
+        # The merkle tree trails the rows by the marks not drained yet: how long until it is current.
+        if mysql.startswith("mysql://root@127.0.0.1") and os.environ.get("SYNC_MERKLE", "1") not in ("0", "false", "off", "no"):
+            while time.time() < deadline:
+                pending = subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e", f"SELECT COUNT(*) FROM test.{table}_merkle_dirty"],
+                                         capture_output=True, text=True).stdout.strip()
+                if pending == "0":
+                    merkle_lag = time.time() - done
+                    break
+                time.sleep(0.2)
         rss = peak_rss_mib(worker.pid)
         worker_cpu = cpu_seconds(worker.pid)
         with open(os.environ.get("BENCH_METRICS_OUT", "/tmp/sync-engine-bench-metrics.txt"), "w") as out:
@@ -135,7 +145,7 @@ def main():
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
     # Leave the database as we found it: a leftover 200 MB table slows every later run.
-    subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e", f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations"],
+    subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e", f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations, test.{table}_merkle, test.{table}_merkle_dirty"],
                    capture_output=True) if mysql.startswith("mysql://root@127.0.0.1") else None
     if committed_sum < end_sum:
         sys.exit(f"bench: timed out, committed {committed_sum} of {end_sum}")
@@ -158,6 +168,8 @@ def main():
     print(f"peak RSS               {rss:.0f} MiB, {verdict} the {limit} MiB limit "
           f"(budget {args.budget >> 20} + L1 {args.l1 >> 20} + 96 overhead)")
     print(f"worker exit            {worker.returncode}")
+    if merkle_lag is not None:
+        print(f"merkle tree current    {merkle_lag:.1f} s after the last commit (every mark drained)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 //! The merkle tree's drain: folds the dirty marks that L3 writes leave in their transactions
-//! into the tree over L3 (`storage/sql_merkle.rs`), a step of up to `DRAIN_STEP_MARKS` marks
-//! at a time, in the background. It first makes sure the tree is complete (a new or stale tree
+//! into the tree over L3 (`storage/sql_merkle.rs`), a step of up to `DRAIN_STEP_ROWS` mark rows
+//! (a batch's ids each) at a time, in the background. It first makes sure the tree is complete (a new or stale tree
 //! gets every row marked once). Idle, it looks again every `IDLE_INTERVAL`, so a busy worker's
 //! marks are folded in steps of thousands: a wide node's buckets are rehashed once per step,
 //! not once per id. A failed step is retried after `ERROR_BACKOFF`; marks are durable, so
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Stores;
 use crate::metrics as m;
-use crate::storage::sql_merkle::DRAIN_STEP_MARKS;
+use crate::storage::sql_merkle::DRAIN_STEP_ROWS;
 
 const IDLE_INTERVAL: Duration = Duration::from_millis(250);
 const ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -37,10 +37,10 @@ pub(super) async fn run(stores: Arc<Stores>, stopping: CancellationToken) {
                 }
             }
         } else {
-            match l3.merkle_drain_step(DRAIN_STEP_MARKS).await {
+            match l3.merkle_drain_step(DRAIN_STEP_ROWS).await {
                 Ok(step) => {
                     metrics::counter!(m::MERKLE_DRAINED_MARKS).increment(step.marks as u64);
-                    if step.marks < DRAIN_STEP_MARKS {
+                    if step.rows < DRAIN_STEP_ROWS {
                         IDLE_INTERVAL
                     } else {
                         Duration::ZERO

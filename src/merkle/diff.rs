@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    bucket_slot, child_path, children_prefix, decode_entries, empty_root, hash_of, node_slot, path_key, stored_root,
-    Hash, MerkleError, SlotRead,
+    bucket2_slot, bucket_slot, child_path, decode_children, decode_entries, empty_root, node_slot, path_key,
+    stored_root, Hash, MerkleError, SlotRead,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,16 +46,15 @@ impl<S: SlotRead> Counted<'_, S> {
         }
     }
 
-    async fn children(&mut self, present: bool, prefix: Vec<u8>) -> Result<BTreeMap<Vec<u8>, Hash>, MerkleError> {
+    async fn children(&mut self, present: bool, key: Vec<u8>) -> Result<BTreeMap<Vec<u8>, Hash>, MerkleError> {
         if !present {
             return Ok(BTreeMap::new());
         }
         self.queries += 1;
-        let mut out = BTreeMap::new();
-        for (key, value) in self.store.scan(std::slice::from_ref(&prefix)).await?.into_iter().flatten() {
-            out.insert(key[prefix.len()..].to_vec(), hash_of(&value)?);
+        match self.store.get(std::slice::from_ref(&key)).await?.get(&key) {
+            Some(value) => decode_children(value),
+            None => Ok(BTreeMap::new()),
         }
-        Ok(out)
     }
 
     async fn leaf(&mut self, present: bool, id: &str) -> Result<Option<Hash>, MerkleError> {
@@ -106,9 +105,9 @@ impl MerkleDiff {
                 let a2 = local.entries(a.contains_key(&b1), bucket_slot(&key, b1)).await?;
                 let b2s = other.entries(b.contains_key(&b1), bucket_slot(&key, b1)).await?;
                 for b2 in differing(&a2, &b2s) {
-                    let prefix = children_prefix(&key, b1, b2);
-                    let ca = local.children(a2.contains_key(&b2), prefix.clone()).await?;
-                    let cb = other.children(b2s.contains_key(&b2), prefix).await?;
+                    let slot = bucket2_slot(&key, b1, b2);
+                    let ca = local.children(a2.contains_key(&b2), slot.clone()).await?;
+                    let cb = other.children(b2s.contains_key(&b2), slot).await?;
                     for segment in differing(&ca, &cb) {
                         let segment_text = String::from_utf8_lossy(&segment).into_owned();
                         stack.push(Open {

@@ -41,12 +41,14 @@
 //! | --- | --- |
 //! | `path ‖ 0x00` | the node's bucket1 hashes: `(u8 b1 ‖ hash[32])*` ascending; absent without children |
 //! | `path ‖ 0x01 ‖ b1` | bucket1 `b1`'s bucket2 hashes: `(u8 b2 ‖ hash[32])*` ascending |
-//! | `path ‖ 0x02 ‖ b1 ‖ b2 ‖ segment` | the child `path.segment`'s node hash |
+//! | `path ‖ 0x02 ‖ b1 ‖ b2` | bucket2 `(b1, b2)`'s children: `(u8 len ‖ segment ‖ node hash[32])*` ascending by segment |
 //! | `0xFF` | the root hash (absent: no rows) |
 //!
 //! Leaves are not stored: they are computed from the rows (`SlotRead::leaves`).
-//! `apply` updates the slots for a batch of changed ids, one depth at a time from the deepest,
-//! with a constant number of batched reads and writes per depth.
+//! `apply` updates the slots for a batch of changed ids: it reads every slot it may change in
+//! one batched `get` (the node, bucket1 and bucket2 slots of the affected paths), recomputes
+//! one depth at a time from the deepest in memory, and writes the changed slots in one batched
+//! `write`. A bucket2 is one slot, not one per child: a change reads and writes one short value.
 
 mod diff;
 mod path_merkle;
@@ -135,8 +137,33 @@ pub fn bucket_slot(path_key: &[u8], b1: u8) -> Vec<u8> {
     [path_key, &[BUCKET_SLOT, b1]].concat()
 }
 
-pub fn children_prefix(path_key: &[u8], b1: u8, b2: u8) -> Vec<u8> {
+pub fn bucket2_slot(path_key: &[u8], b1: u8, b2: u8) -> Vec<u8> {
     [path_key, &[CHILD_SLOT, b1, b2]].concat()
+}
+
+/// The children of a bucket2, `(u8 len ‖ segment ‖ hash[32])*` ascending by segment: the value
+/// of a bucket2 slot.
+pub fn encode_children(children: &BTreeMap<Vec<u8>, Hash>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(children.iter().map(|(segment, _)| 33 + segment.len()).sum());
+    for (segment, hash) in children {
+        out.push(segment.len() as u8);
+        out.extend_from_slice(segment);
+        out.extend_from_slice(hash);
+    }
+    out
+}
+
+pub fn decode_children(mut bytes: &[u8]) -> Result<BTreeMap<Vec<u8>, Hash>, MerkleError> {
+    let mut children = BTreeMap::new();
+    while let Some((&len, rest)) = bytes.split_first() {
+        let len = len as usize;
+        if rest.len() < len + 32 {
+            return Err(MerkleError::Corrupt("truncated bucket2".into()));
+        }
+        children.insert(rest[..len].to_vec(), hash_of(&rest[len..len + 32])?);
+        bytes = &rest[len + 32..];
+    }
+    Ok(children)
 }
 
 /// The number of segments of an id.
@@ -257,8 +284,6 @@ impl MerkleBatch {
 pub trait SlotRead {
     /// The values of these slots (absent slots are missing from the map).
     async fn get(&mut self, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MerkleError>;
-    /// For each prefix, the slots under it in key order.
-    async fn scan(&mut self, prefixes: &[Vec<u8>]) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, MerkleError>;
     /// The leaf hashes of the rows of these ids (ids without a row are missing).
     async fn leaves(&mut self, ids: &[String]) -> Result<HashMap<String, Hash>, MerkleError>;
 }
@@ -294,6 +319,21 @@ pub async fn apply<S: SlotStore>(store: &mut S, batch: &MerkleBatch) -> Result<H
             levels.entry(depth).or_default().entry(path).or_default().insert(segments[depth].to_owned());
         }
     }
+    // Every slot this may change, read at once.
+    let mut wanted = BTreeSet::new();
+    for (&depth, paths) in &levels {
+        for (path, children) in paths {
+            let key = path_key(depth, path);
+            wanted.insert(node_slot(&key));
+            for segment in children {
+                let (b1, b2) = bucket_of(segment);
+                wanted.insert(bucket_slot(&key, b1));
+                wanted.insert(bucket2_slot(&key, b1, b2));
+            }
+        }
+    }
+    let wanted: Vec<Vec<u8>> = wanted.into_iter().collect();
+    let current = store.get(&wanted).await?;
     // Leaves of the affected paths the batch does not carry (interior paths that are ids too).
     let others: Vec<String> = levels
         .iter()
@@ -309,112 +349,83 @@ pub async fn apply<S: SlotStore>(store: &mut S, batch: &MerkleBatch) -> Result<H
             None => other_leaves.get(path).copied(),
         }
     };
-
+    // The new value of each changed slot (`None`: delete it).
+    let mut writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
     // The node hash of each path of the level below, once computed.
     let mut below: HashMap<String, Option<Hash>> = HashMap::new();
     for (&depth, paths) in levels.iter().rev() {
-        let keys: Vec<(String, Vec<u8>)> = paths.keys().map(|path| (path.clone(), path_key(depth, path))).collect();
-        // 1. The changed children's slots.
-        let mut puts = Vec::new();
-        let mut deletes = Vec::new();
-        // path -> b1 -> b2s touched
-        let mut touched: BTreeMap<&str, BTreeMap<u8, BTreeSet<u8>>> = BTreeMap::new();
-        for ((path, children), (_, key)) in paths.iter().zip(&keys) {
+        let mut level = HashMap::with_capacity(paths.len());
+        for (path, children) in paths {
+            let key = path_key(depth, path);
+            // The changed children, by bucket.
+            let mut touched: BTreeMap<u8, BTreeMap<u8, Vec<&String>>> = BTreeMap::new();
             for segment in children {
                 let (b1, b2) = bucket_of(segment);
-                let slot = [children_prefix(key, b1, b2), segment.as_bytes().to_vec()].concat();
-                match below.get(&child_path(depth, path, segment)).copied().flatten() {
-                    Some(hash) => puts.push((slot, hash.to_vec())),
-                    None => deletes.push(slot),
-                }
-                touched.entry(path.as_str()).or_default().entry(b1).or_default().insert(b2);
+                touched.entry(b1).or_default().entry(b2).or_default().push(segment);
             }
-        }
-        if !puts.is_empty() || !deletes.is_empty() {
-            store.write(std::mem::take(&mut puts), std::mem::take(&mut deletes)).await?;
-        }
-        let key_of: HashMap<&str, &[u8]> = keys.iter().map(|(path, key)| (path.as_str(), key.as_slice())).collect();
-        // 2. The touched bucket2s, from their children.
-        let mut prefixes = Vec::new();
-        let mut prefix_of = Vec::new();
-        for (path, b1s) in &touched {
-            for (b1, b2s) in b1s {
-                for b2 in b2s {
-                    prefixes.push(children_prefix(key_of[path], *b1, *b2));
-                    prefix_of.push((*path, *b1, *b2));
-                }
-            }
-        }
-        let scanned = if prefixes.is_empty() { Vec::new() } else { store.scan(&prefixes).await? };
-        let mut bucket2: HashMap<(&str, u8, u8), Option<Hash>> = HashMap::new();
-        for ((path, b1, b2), (prefix, children)) in prefix_of.iter().zip(prefixes.iter().zip(&scanned)) {
-            let mut parsed = Vec::with_capacity(children.len());
-            for (key, value) in children {
-                parsed.push((&key[prefix.len()..], hash_of(value)?));
-            }
-            let hash = (!parsed.is_empty()).then(|| bucket2_hash(parsed.iter().map(|(s, h)| (*s, h))));
-            bucket2.insert((*path, *b1, *b2), hash);
-        }
-        // 3. The touched bucket1s and 4. every node row of this level.
-        let mut wanted: Vec<Vec<u8>> = keys.iter().map(|(_, key)| node_slot(key)).collect();
-        for (path, b1s) in &touched {
-            wanted.extend(b1s.keys().map(|b1| bucket_slot(key_of[path], *b1)));
-        }
-        let current = store.get(&wanted).await?;
-        for (path, key) in &keys {
-            let node_key = node_slot(key);
+            let node_key = node_slot(&key);
             let mut buckets = match current.get(&node_key) {
                 Some(value) => decode_entries(value)?,
                 None => BTreeMap::new(),
             };
             let before = buckets.clone();
-            if let Some(b1s) = touched.get(path.as_str()) {
-                for (b1, b2s) in b1s {
-                    let slot = bucket_slot(key, *b1);
-                    let mut entries = match current.get(&slot) {
-                        Some(value) => decode_entries(value)?,
+            for (b1, b2s) in touched {
+                let slot1 = bucket_slot(&key, b1);
+                let mut entries = match current.get(&slot1) {
+                    Some(value) => decode_entries(value)?,
+                    None => BTreeMap::new(),
+                };
+                for (b2, segments) in b2s {
+                    let slot2 = bucket2_slot(&key, b1, b2);
+                    let mut kids = match current.get(&slot2) {
+                        Some(value) => decode_children(value)?,
                         None => BTreeMap::new(),
                     };
-                    for b2 in b2s {
-                        match bucket2[&(path.as_str(), *b1, *b2)] {
-                            Some(hash) => entries.insert(*b2, hash),
-                            None => entries.remove(b2),
+                    for segment in segments {
+                        match below.get(&child_path(depth, path, segment)).copied().flatten() {
+                            Some(hash) => kids.insert(segment.as_bytes().to_vec(), hash),
+                            None => kids.remove(segment.as_bytes()),
                         };
                     }
-                    if entries.is_empty() {
-                        deletes.push(slot);
-                        buckets.remove(b1);
+                    if kids.is_empty() {
+                        entries.remove(&b2);
+                        writes.insert(slot2, None);
                     } else {
-                        buckets.insert(*b1, bucket1_hash(&entries));
-                        puts.push((slot, encode_entries(&entries)));
+                        entries.insert(b2, bucket2_hash(kids.iter().map(|(s, h)| (s.as_slice(), h))));
+                        writes.insert(slot2, Some(encode_children(&kids)));
                     }
+                }
+                if entries.is_empty() {
+                    buckets.remove(&b1);
+                    writes.insert(slot1, None);
+                } else {
+                    buckets.insert(b1, bucket1_hash(&entries));
+                    writes.insert(slot1, Some(encode_entries(&entries)));
                 }
             }
-            if buckets != before || !current.contains_key(&node_key) {
-                if buckets.is_empty() {
-                    if current.contains_key(&node_key) {
-                        deletes.push(node_key);
-                    }
-                } else {
-                    puts.push((node_key, encode_entries(&buckets)));
-                }
+            if buckets != before {
+                writes.insert(node_key, (!buckets.is_empty()).then(|| encode_entries(&buckets)));
             }
             let leaf = if depth == 0 { None } else { leaf_of(path) };
-            below.insert(path.clone(), node_hash(leaf.as_ref(), &buckets));
-        }
-        if depth == 0 {
-            match below.get("").copied().flatten() {
-                Some(root) => puts.push((ROOT_SLOT.to_vec(), root.to_vec())),
-                None => deletes.push(ROOT_SLOT.to_vec()),
-            }
-        }
-        if !puts.is_empty() || !deletes.is_empty() {
-            store.write(puts, deletes).await?;
+            level.insert(path.clone(), node_hash(leaf.as_ref(), &buckets));
         }
         // Only this level's results are needed by the next one up.
-        below.retain(|path, _| paths.contains_key(path));
+        below = level;
     }
-    Ok(below.get("").copied().flatten().unwrap_or_else(empty_root))
+    let root = below.get("").copied().flatten();
+    writes.insert(ROOT_SLOT.to_vec(), root.map(|root| root.to_vec()));
+    let mut puts = Vec::new();
+    let mut deletes = Vec::new();
+    for (key, value) in writes {
+        match value {
+            Some(value) => puts.push((key, value)),
+            // Deleting a slot that is not there is harmless, but skipped.
+            None if current.contains_key(&key) || key == ROOT_SLOT => deletes.push(key),
+            None => {}
+        }
+    }
+    store.write(puts, deletes).await?;
+    Ok(root.unwrap_or_else(empty_root))
 }
 
 #[cfg(test)]

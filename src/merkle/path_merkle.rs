@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    apply, bucket1_hash, bucket2_hash, bucket_of, decode_entries, hash_of, node_slot, path_key, stored_root, Hash,
-    MerkleBatch, MerkleError, SlotRead, SlotStore,
+    apply, bucket1_hash, bucket2_hash, bucket_of, decode_entries, node_slot, path_key, stored_root, Hash, MerkleBatch,
+    MerkleError, SlotRead, SlotStore,
 };
 
 /// One node of a tree, as a drill-down shows it.
@@ -66,8 +66,9 @@ impl PathMerkle {
             if !slot.starts_with(&prefix) {
                 break;
             }
-            let segment = String::from_utf8_lossy(&slot[prefix.len() + 2..]).into_owned();
-            children.push((segment, hash_of(value).unwrap_or([0; 32])));
+            for (segment, hash) in super::decode_children(value).unwrap_or_default() {
+                children.push((String::from_utf8_lossy(&segment).into_owned(), hash));
+            }
         }
         children.sort();
         let leaf = if depth == 0 { None } else { self.leaves.get(path).copied() };
@@ -80,19 +81,6 @@ impl PathMerkle {
 impl SlotRead for PathMerkle {
     async fn get(&mut self, keys: &[Vec<u8>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, MerkleError> {
         Ok(keys.iter().filter_map(|key| Some((key.clone(), self.slots.get(key)?.clone()))).collect())
-    }
-
-    async fn scan(&mut self, prefixes: &[Vec<u8>]) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, MerkleError> {
-        Ok(prefixes
-            .iter()
-            .map(|prefix| {
-                self.slots
-                    .range(prefix.clone()..)
-                    .take_while(|(key, _)| key.starts_with(prefix))
-                    .map(|(key, value)| (key.clone(), value.clone()))
-                    .collect()
-            })
-            .collect())
     }
 
     async fn leaves(&mut self, ids: &[String]) -> Result<HashMap<String, Hash>, MerkleError> {

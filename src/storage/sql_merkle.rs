@@ -2,13 +2,15 @@
 //! dirty marks in `<table>_merkle_dirty`.
 //!
 //! **Marks.** With marks on (`SqlStore::set_merkle_marks`, the engine's `SYNC_MERKLE`),
-//! `write_batch` appends every written id to `<table>_merkle_dirty` inside the batch's own
-//! transaction: a committed row change always has its mark, even after a `kill -9`. The mark
-//! log is append-only (an auto-increment `seq`, no unique id), so a write never waits on a lock
-//! held by a drain.
+//! `write_batch` appends one row to `<table>_merkle_dirty` inside the batch's own transaction,
+//! listing every written id with the leaf of the row the transaction holds (`encode_marks`; up
+//! to `MARKS_PER_ROW` ids a row): a committed row change always has its mark, even after a
+//! `kill -9`. The mark log is append-only (an auto-increment `seq`, no unique id), so a write
+//! never waits on a lock held by a drain.
 //!
-//! **Drain.** `merkle_drain_step` takes up to N marks in `seq` order, reads those ids' rows,
-//! recomputes their leaves and every ancestor (`merkle::apply`), deletes exactly the marks it
+//! **Drain.** `merkle_drain_step` takes up to N mark rows in `seq` order, takes each id's leaf from
+//! its newest mark (a mark made by hand has none: the row is read), recomputes the ancestors
+//! (`merkle::apply`: one batched read of the slots, one batched write), deletes exactly the marks it
 //! read (by `seq`: a mark committed meanwhile stays for the next step) and commits, all in one
 //! transaction. On MySQL the transaction first locks the `0xFE` slot (`FOR UPDATE`), so drains
 //! of several pods sharing one L3 run one at a time, each on a snapshot taken after the
@@ -33,11 +35,12 @@ pub const MERKLE_MIGRATION: i64 = 3;
 /// The slot every drain locks first (MySQL), and the "built" flag; outside every path's range.
 const LOCK_SLOT: &[u8] = &[0xFE];
 const BUILT_SLOT: &[u8] = &[0xFD];
-/// Marks one drain step takes at most.
-pub const DRAIN_STEP_MARKS: usize = 5000;
+/// Mark rows one drain step takes at most (a row holds the ids of one batch, at most
+/// `MARKS_PER_ROW`).
+pub const DRAIN_STEP_ROWS: usize = 5;
+pub const MARKS_PER_ROW: usize = 1000;
 /// List lengths statements are padded to (the last element repeated), so few shapes are prepared.
 const SHAPES: [usize; 4] = [1, 10, 100, 1000];
-const RANGE_SHAPES: [usize; 3] = [1, 10, 100];
 const PUT_SHAPES: [usize; 4] = [1, 10, 100, 500];
 
 /// The statements that create the merkle tables; `mysql` picks the dialect.
@@ -45,26 +48,70 @@ pub fn create_statements(table: &str, mysql: bool) -> [String; 3] {
     if mysql {
         [
             format!(
-                "CREATE TABLE IF NOT EXISTS {table}_merkle (k VARBINARY(700) NOT NULL PRIMARY KEY, v BLOB NOT NULL) ENGINE=InnoDB"
+                "CREATE TABLE IF NOT EXISTS {table}_merkle (k VARBINARY(700) NOT NULL PRIMARY KEY, v MEDIUMBLOB NOT NULL) ENGINE=InnoDB"
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {table}_merkle_dirty (seq BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY, \
-                 id VARBINARY(255) NOT NULL) ENGINE=InnoDB"
+                 marks MEDIUMBLOB NOT NULL) ENGINE=InnoDB"
             ),
             format!("INSERT IGNORE INTO {table}_merkle (k, v) VALUES (x'FE', x'')"),
         ]
     } else {
         [
             format!("CREATE TABLE IF NOT EXISTS {table}_merkle (k BLOB NOT NULL PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"),
-            format!("CREATE TABLE IF NOT EXISTS {table}_merkle_dirty (seq INTEGER PRIMARY KEY, id BLOB NOT NULL)"),
+            format!("CREATE TABLE IF NOT EXISTS {table}_merkle_dirty (seq INTEGER PRIMARY KEY, marks BLOB NOT NULL)"),
             format!("INSERT OR IGNORE INTO {table}_merkle (k, v) VALUES (x'FE', x'')"),
         ]
     }
 }
 
-/// `INSERT` of `rows` marks (one id each), run by `write_batch` inside its transaction.
-pub fn mark_sql(table: &str, rows: usize) -> String {
-    format!("INSERT INTO {table}_merkle_dirty (id) VALUES {}", vec!["(?)"; rows].join(", "))
+/// `INSERT` of one mark row: `encode_marks` of up to `MARKS_PER_ROW` ids.
+pub fn mark_sql(table: &str) -> String {
+    format!("INSERT INTO {table}_merkle_dirty (marks) VALUES (?)")
+}
+
+/// Marks as one row's value: per id `u16be(len) ‖ id ‖ u8(has leaf) ‖ [leaf[32]]`. A mark
+/// without a leaf (made by hand, or by a rebuild) makes the drain read the row.
+pub fn encode_marks<'a>(marks: impl IntoIterator<Item = (&'a str, Option<Hash>)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, leaf) in marks {
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id.as_bytes());
+        match leaf {
+            Some(leaf) => {
+                out.push(1);
+                out.extend_from_slice(&leaf);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+fn decode_marks(mut bytes: &[u8]) -> Result<Vec<(String, Option<Hash>)>, StoreError> {
+    let corrupt = || StoreError::Rejected("merkle tree: corrupt mark row".into());
+    let mut marks = Vec::new();
+    while !bytes.is_empty() {
+        let len = u16::from_be_bytes(bytes.get(..2).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?) as usize;
+        let id = bytes.get(2..2 + len).ok_or_else(corrupt)?;
+        let flag = *bytes.get(2 + len).ok_or_else(corrupt)?;
+        let (leaf, used) = if flag == 1 {
+            let leaf: Hash = bytes.get(3 + len..35 + len).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?;
+            (Some(leaf), 35 + len)
+        } else {
+            (None, 3 + len)
+        };
+        marks.push((String::from_utf8_lossy(id).into_owned(), leaf));
+        bytes = &bytes[used..];
+    }
+    Ok(marks)
+}
+
+/// The leaf of what L3 holds for `id` after a write (`None`: no row, the drain reads it).
+/// A later write of the same id waits for this transaction's row lock before it marks, so of
+/// one id's marks the highest `seq` carries the newest committed row.
+pub fn held_leaf(id: &str, held: Option<&crate::storage::sql::HeldRow>) -> Option<Hash> {
+    held.map(|row| leaf_hash(id, row.version, row.deleted, &row.content_hash))
 }
 
 /// `items` cut into lists of at most the largest shape, each padded up to a shape.
@@ -83,18 +130,6 @@ fn padded<T: Clone>(items: &[T], shapes: &[usize]) -> Vec<Vec<T>> {
 
 fn list(n: usize) -> String {
     vec!["?"; n].join(", ")
-}
-
-/// The smallest key above every key that starts with `prefix` (`None`: no bound).
-fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut bound = prefix.to_vec();
-    while let Some(last) = bound.pop() {
-        if last < 0xFF {
-            bound.push(last + 1);
-            return Some(bound);
-        }
-    }
-    None
 }
 
 enum Conn<'a> {
@@ -160,10 +195,9 @@ impl SqlSlots<'_> {
         })
     }
 
-    /// Up to `limit` marks, oldest first: `(seq, id)`.
-    async fn marks(&mut self, limit: usize) -> Result<Vec<(i64, String)>, StoreError> {
-        let statement = format!("SELECT seq, id FROM {}_merkle_dirty ORDER BY seq LIMIT ?", self.table);
-        let id_of = |id: Vec<u8>| String::from_utf8_lossy(&id).into_owned();
+    /// Up to `limit` mark rows, oldest first: `(seq, marks)`.
+    async fn marks(&mut self, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let statement = format!("SELECT seq, marks FROM {}_merkle_dirty ORDER BY seq LIMIT ?", self.table);
         match &mut self.conn {
             Conn::My(tx) => {
                 let rows = sqlx::query(&statement).bind(limit as i64).fetch_all(&mut **tx).await.map_err(classify)?;
@@ -171,7 +205,7 @@ impl SqlSlots<'_> {
                     .map(|row| {
                         Ok((
                             row.try_get::<u64, _>("seq").map_err(classify)? as i64,
-                            id_of(row.try_get("id").map_err(classify)?),
+                            row.try_get("marks").map_err(classify)?,
                         ))
                     })
                     .collect()
@@ -180,14 +214,20 @@ impl SqlSlots<'_> {
                 let rows = sqlx::query(&statement).bind(limit as i64).fetch_all(&mut **tx).await.map_err(classify)?;
                 rows.iter()
                     .map(|row| {
-                        Ok((
-                            row.try_get::<i64, _>("seq").map_err(classify)?,
-                            id_of(row.try_get("id").map_err(classify)?),
-                        ))
+                        Ok((row.try_get::<i64, _>("seq").map_err(classify)?, row.try_get("marks").map_err(classify)?))
                     })
                     .collect()
             }
         }
+    }
+
+    /// Ids of the items table after `after`, in order, at most `limit` (keyset pages).
+    async fn ids_after(&mut self, after: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let statement = format!("SELECT id FROM {} WHERE id > ? ORDER BY id LIMIT ?", self.table);
+        on_conn!(&mut self.conn, c => {
+            let rows = sqlx::query(&statement).bind(after).bind(limit as i64).fetch_all(&mut **c).await.map_err(classify)?;
+            rows.iter().map(|row| row.try_get::<Vec<u8>, _>("id").map_err(classify)).collect()
+        })
     }
 
     async fn delete_marks(&mut self, seqs: &[i64]) -> Result<(), StoreError> {
@@ -268,54 +308,6 @@ impl SlotRead for SqlSlots<'_> {
         Ok(out)
     }
 
-    async fn scan(&mut self, prefixes: &[Vec<u8>]) -> Result<Vec<Vec<(Vec<u8>, Vec<u8>)>>, MerkleError> {
-        let mut out: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); prefixes.len()];
-        let indexed: Vec<(Vec<u8>, usize)> = prefixes.iter().cloned().zip(0..).collect();
-        for chunk in padded(&indexed, &RANGE_SHAPES) {
-            let mut conditions = Vec::with_capacity(chunk.len());
-            let mut bounds = Vec::with_capacity(chunk.len() * 2);
-            for (prefix, _) in &chunk {
-                match successor(prefix) {
-                    Some(upper) => {
-                        conditions.push("(k >= ? AND k < ?)");
-                        bounds.push(prefix.clone());
-                        bounds.push(upper);
-                    }
-                    None => {
-                        conditions.push("(k >= ?)");
-                        bounds.push(prefix.clone());
-                    }
-                }
-            }
-            // MySQL's range optimizer takes the OR of ranges as it is; SQLite's planner turns a
-            // long OR into a scan of the whole table, so there each range is its own SELECT.
-            let statement = match self.conn {
-                Conn::My(_) => format!("SELECT k, v FROM {}_merkle WHERE {}", self.table, conditions.join(" OR ")),
-                Conn::Lite(_) => conditions
-                    .iter()
-                    .map(|condition| format!("SELECT k, v FROM {}_merkle WHERE {condition}", self.table))
-                    .collect::<Vec<_>>()
-                    .join(" UNION ALL "),
-            };
-            let values: Vec<&[u8]> = bounds.iter().map(Vec::as_slice).collect();
-            // Prefixes are prefix-free: a row belongs to the greatest prefix not above it.
-            let by_prefix: BTreeMap<&[u8], usize> =
-                chunk.iter().map(|(prefix, index)| (prefix.as_slice(), *index)).collect();
-            for (key, value) in self.slot_rows(&statement, &values).await? {
-                let owner = by_prefix.range(..=key.as_slice()).next_back();
-                if let Some((_, index)) = owner.filter(|(prefix, _)| key.starts_with(prefix)) {
-                    out[*index].push((key, value));
-                }
-            }
-        }
-        // In key order, and once each (a padded list repeats its last range).
-        for rows in &mut out {
-            rows.sort_unstable();
-            rows.dedup();
-        }
-        Ok(out)
-    }
-
     async fn leaves(&mut self, ids: &[String]) -> Result<HashMap<String, Hash>, MerkleError> {
         Ok(self.row_leaves(ids).await?)
     }
@@ -354,7 +346,9 @@ impl SlotStore for SqlSlots<'_> {
 /// What one drain step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrainStep {
-    /// Marks taken (and deleted).
+    /// Mark rows taken (and deleted).
+    pub rows: usize,
+    /// Marks in them.
     pub marks: usize,
     /// Distinct ids recomputed.
     pub ids: usize,
@@ -405,15 +399,15 @@ impl SqlStore {
     /// Marks ids by hand (rows changed outside `write_batch`, e.g. by an operator's `UPDATE`).
     pub async fn merkle_mark(&self, ids: &[&str]) -> Result<(), StoreError> {
         let mut slots = self.merkle_slots().await?;
-        for chunk in ids.chunks(1000) {
-            let values: Vec<&[u8]> = chunk.iter().map(|id| id.as_bytes()).collect();
-            let statement = mark_sql(&slots.table, chunk.len());
-            slots.execute(&statement, &values).await?;
+        let statement = mark_sql(&slots.table);
+        for chunk in ids.chunks(MARKS_PER_ROW) {
+            let marks = encode_marks(chunk.iter().map(|id| (*id, None)));
+            slots.execute(&statement, &[&marks]).await?;
         }
         slots.commit().await
     }
 
-    /// Marks not drained yet.
+    /// Mark rows not drained yet (each holds the ids of one batch, or up to `MARKS_PER_ROW`).
     pub async fn merkle_pending(&self) -> Result<u64, StoreError> {
         let mut slots = self.merkle_slots().await?;
         let statement = format!("SELECT COUNT(*) AS n FROM {}_merkle_dirty", self.table_name());
@@ -425,35 +419,42 @@ impl SqlStore {
 
     /// One drain step: up to `max_marks` marks, their ids' leaves and ancestors, in one
     /// transaction (module doc).
-    pub async fn merkle_drain_step(&self, max_marks: usize) -> Result<DrainStep, StoreError> {
+    pub async fn merkle_drain_step(&self, max_rows: usize) -> Result<DrainStep, StoreError> {
         let mut slots = self.merkle_slots().await?;
         slots.lock().await?;
-        let marks = slots.marks(max_marks.max(1)).await?;
-        if marks.is_empty() {
+        let rows = slots.marks(max_rows.max(1)).await?;
+        if rows.is_empty() {
             let root = merkle::stored_root(&mut slots).await.map_err(store_error)?;
             slots.commit().await?;
-            return Ok(DrainStep { marks: 0, ids: 0, root });
+            return Ok(DrainStep { rows: 0, marks: 0, ids: 0, root });
         }
-        let mut ids: Vec<String> = marks.iter().map(|(_, id)| id.clone()).collect();
-        ids.sort();
-        ids.dedup();
-        let leaves = slots.row_leaves(&ids).await?;
+        // Each id's newest mark (rows come in `seq` order); one without a leaf means "read the row".
+        let mut newest: BTreeMap<String, Option<Hash>> = BTreeMap::new();
+        let mut marks = 0;
+        for (_, row) in &rows {
+            for (id, leaf) in decode_marks(row)? {
+                marks += 1;
+                newest.insert(id, leaf);
+            }
+        }
+        let unknown: Vec<String> = newest.iter().filter(|(_, leaf)| leaf.is_none()).map(|(id, _)| id.clone()).collect();
+        let read = if unknown.is_empty() { HashMap::new() } else { slots.row_leaves(&unknown).await? };
         let mut batch = MerkleBatch::new();
-        for id in &ids {
-            batch.leaves.insert(id.clone(), leaves.get(id).copied());
+        for (id, leaf) in &newest {
+            batch.leaves.insert(id.clone(), leaf.or_else(|| read.get(id).copied()));
         }
         let root = merkle::apply(&mut slots, &batch).await.map_err(store_error)?;
-        let seqs: Vec<i64> = marks.iter().map(|(seq, _)| *seq).collect();
+        let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
         slots.delete_marks(&seqs).await?;
         slots.commit().await?;
-        Ok(DrainStep { marks: marks.len(), ids: ids.len(), root })
+        Ok(DrainStep { rows: rows.len(), marks, ids: newest.len(), root })
     }
 
     /// Drains every mark; returns the root.
     pub async fn merkle_drain(&self) -> Result<Hash, StoreError> {
         loop {
-            let step = self.merkle_drain_step(DRAIN_STEP_MARKS).await?;
-            if step.marks == 0 {
+            let step = self.merkle_drain_step(DRAIN_STEP_ROWS).await?;
+            if step.rows == 0 {
                 return Ok(step.root);
             }
         }
@@ -472,9 +473,17 @@ impl SqlStore {
         let table = self.table_name();
         slots.execute(&format!("DELETE FROM {table}_merkle WHERE k < ?"), &[BUILT_SLOT]).await?;
         slots.execute(&format!("DELETE FROM {table}_merkle WHERE k = ?"), &[merkle::ROOT_SLOT]).await?;
-        slots
-            .execute(&format!("INSERT INTO {table}_merkle_dirty (id) SELECT id FROM {table} ORDER BY id"), &[])
-            .await?;
+        // Every row marked, a page of ids per mark row (keyset pages, never OFFSET).
+        let statement = mark_sql(table);
+        let mut after = Vec::new();
+        loop {
+            let page = slots.ids_after(&after, MARKS_PER_ROW).await?;
+            let Some(last) = page.last().cloned() else { break };
+            let ids: Vec<String> = page.iter().map(|id| String::from_utf8_lossy(id).into_owned()).collect();
+            let marks = encode_marks(ids.iter().map(|id| (id.as_str(), None)));
+            slots.execute(&statement, &[&marks]).await?;
+            after = last;
+        }
         slots.write(vec![(BUILT_SLOT.to_vec(), Vec::new())], Vec::new()).await.map_err(store_error)?;
         slots.commit().await?;
         Ok(true)
@@ -579,13 +588,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lists_are_padded_to_few_shapes_and_successors_bound_prefixes() {
+    fn lists_are_padded_to_few_shapes() {
         let items: Vec<u32> = (0..1234).collect();
         let lists = padded(&items, &SHAPES);
         assert_eq!(lists.iter().map(Vec::len).collect::<Vec<_>>(), vec![1000, 1000]);
         assert!(lists[1][234..].iter().all(|n| *n == 1233));
-        assert_eq!(successor(&[0, 1, 0xFF]), Some(vec![0, 2]));
-        assert_eq!(successor(&[0xFF, 0xFF]), None);
-        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        let leaf = [7; 32];
+        let marks = encode_marks([("a.b", Some(leaf)), ("", None), ("ü", None)]);
+        assert_eq!(
+            decode_marks(&marks).unwrap(),
+            vec![("a.b".to_string(), Some(leaf)), (String::new(), None), ("ü".to_string(), None)]
+        );
+        assert!(decode_marks(&marks[..marks.len() - 1]).is_err());
     }
 }

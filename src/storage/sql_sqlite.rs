@@ -175,15 +175,6 @@ impl SqliteStore {
                     .bind(item.state.as_deref().map(str::as_bytes));
             }
             query.execute(&mut *transaction).await.map_err(classify)?;
-            // The merkle tree's durable dirty marks, in the batch's transaction (sql_merkle.rs).
-            if self.merkle_marks.load(Ordering::Relaxed) {
-                let statement = sql_merkle::mark_sql(&self.table, chunk.len());
-                let mut query = sqlx::query(&statement);
-                for item in chunk {
-                    query = query.bind(item.id.as_bytes());
-                }
-                query.execute(&mut *transaction).await.map_err(classify)?;
-            }
             // SQLite has one writer: the read-back sees exactly what this transaction commits.
             let select = sql::held_rows_sql(&self.table, chunk.len(), false);
             let mut query = sqlx::query(&select);
@@ -193,6 +184,17 @@ impl SqliteStore {
             for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
                 let (id, row) = sql::held_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)?;
                 held.insert(id, row);
+            }
+        }
+        // The merkle tree's durable dirty marks, with the leaf of what this transaction commits
+        // (sql_merkle.rs): one row per thousand ids, after every upsert took its row lock.
+        if self.merkle_marks.load(Ordering::Relaxed) {
+            let statement = sql_merkle::mark_sql(&self.table);
+            for chunk in items.chunks(sql_merkle::MARKS_PER_ROW) {
+                let marks = sql_merkle::encode_marks(
+                    chunk.iter().map(|item| (item.id.as_str(), sql_merkle::held_leaf(&item.id, held.get(&item.id)))),
+                );
+                sqlx::query(&statement).bind(marks).execute(&mut *transaction).await.map_err(classify)?;
             }
         }
         transaction.commit().await.map_err(classify)?;
