@@ -303,7 +303,7 @@ impl SyncEngine {
         self.tasks.spawn(wal_drain::run_drain(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         if self.config.merkle {
-            self.tasks.spawn(merkle_task::run(stores.clone(), self.stopping.clone()));
+            self.tasks.spawn(merkle_task::run(stores.clone(), self.pending.clone(), self.stopping.clone()));
         }
         self.tasks.spawn(reconfigure::run(stores.clone(), self.pressure.clone(), self.config_rx.clone(), self.stopping.clone()));
         self.tasks.spawn(backpressure::run_relief(self.pressure.clone(), self.stopping.clone()));
