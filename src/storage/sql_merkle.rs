@@ -10,7 +10,7 @@
 //!
 //! **Drain.** `merkle_drain_step` takes up to N mark rows in `seq` order, takes each id's leaf from
 //! its newest mark (a mark made by hand has none: the row is read), recomputes the ancestors
-//! (`merkle::apply`: one batched read of the slots, one batched write), deletes exactly the marks it
+//! (`merkle::apply`: one batched read of the slots, one batched write), deletes exactly the rows it
 //! read (by `seq`: a mark committed meanwhile stays for the next step) and commits, all in one
 //! transaction. On MySQL the transaction first locks the `0xFE` slot (`FOR UPDATE`), so drains
 //! of several pods sharing one L3 run one at a time, each on a snapshot taken after the
