@@ -87,6 +87,7 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
     }
     # Any SYNC_* setting in the bench's environment tunes the worker (e.g. SYNC_BATCH_MAX_ITEMS).
     env.update({k: v for k, v in os.environ.items() if k.startswith("SYNC_") and not k.startswith("SYNC_TEST_")})
+    merkle_lag = None
     worker = subprocess.Popen([args.binary, "run"], env=env)
     producer = None
     try:
@@ -110,6 +111,15 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
             time.sleep(0.1)
         done = time.time()
         text = metrics(port)
+        # The merkle tree trails the rows by the marks not drained yet: how long until it is current.
+        if mysql.startswith("mysql://root@127.0.0.1") and os.environ.get("SYNC_MERKLE", "1") not in ("0", "false", "off", "no"):
+            while time.time() < deadline:
+                pending = subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e", f"SELECT COUNT(*) FROM test.{table}_merkle_dirty"],
+                                         capture_output=True, text=True).stdout.strip()
+                if pending == "0":
+                    merkle_lag = time.time() - done
+                    break
+                time.sleep(0.2)
         rss = peak_rss_mib(worker.pid)
         worker_cpu = cpu_seconds(worker.pid)
         with open(os.environ.get("BENCH_METRICS_OUT", f"/tmp/sync-engine-bench-metrics-{group}.txt"), "w") as out:
@@ -130,6 +140,7 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
         "kafka_p50": quantile(text, "sync_settle_latency_seconds", 0.5) * 1000,
         "kafka_p99": quantile(text, "sync_settle_latency_seconds", 0.99) * 1000,
         "flush_p99": quantile(text, "sync_flush_duration_seconds", 0.99, 'tier="l3"') * 1000,
+        "merkle_lag": merkle_lag,
     }
 
 
@@ -137,7 +148,7 @@ def drop_tables(mysql, table):
     """Leave the database as we found it: a leftover 200 MB table slows every later run."""
     if mysql.startswith("mysql://root@127.0.0.1"):
         subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e",
-                        f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations"], capture_output=True)
+                        f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations, test.{table}_merkle, test.{table}_merkle_dirty"], capture_output=True)
 
 
 def produce(args, brokers, topic, workload, rate=0):
@@ -216,6 +227,9 @@ def main():
     verdict = "within" if worst <= limit else "OVER"
     print(f"peak RSS               {worst:.0f} MiB, {verdict} budget {args.budget >> 20} + L1 {args.l1 >> 20} + 64 = {limit} MiB")
     print(f"worker exits           {l3_only['exit']}, {with_l2['exit']}, {live['exit']}")
+    for label, run in [("L3 only", l3_only), ("L2 + L3", with_l2)]:
+        if run["merkle_lag"] is not None:
+            print(f"merkle tree current    {run['merkle_lag']:.1f} s after the last commit ({label}; every mark drained)")
 
 
 if __name__ == "__main__":

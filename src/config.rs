@@ -133,6 +133,11 @@ pub struct SyncEngineConfig {
     /// The L2 auditor's pace (`SYNC_AUDIT_KEYS_PER_SEC`): entries compared with L3 per
     /// second, pass after pass; 0 turns it off. Default 1,000.
     pub audit_keys_per_sec: u64,
+    /// Keep the merkle tree over L3 (`SYNC_MERKLE`, default on): every L3 write marks its ids
+    /// in its transaction and a background task folds the marks into the tree
+    /// (`engine/merkle_task.rs`). Off: writes carry no marks and the tree is flagged stale, to
+    /// be rebuilt at the next start with it on.
+    pub merkle: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -212,6 +217,19 @@ fn instance_id(r: &mut Reader<'_>) -> Option<String> {
         return None;
     }
     Some(id)
+}
+
+/// A boolean variable: `1`/`true`/`on` or `0`/`false`/`off`.
+fn flag(r: &mut Reader<'_>, name: &str, default: bool) -> bool {
+    let Some(raw) = r.vars.get(name) else { return default };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => true,
+        "0" | "false" | "off" | "no" => false,
+        _ => {
+            r.problem(name, format!("expected 1/true/on or 0/false/off, got {raw:?}"));
+            default
+        }
+    }
 }
 
 pub fn comma_list(text: &str) -> Vec<String> {
@@ -351,6 +369,7 @@ impl Config {
             backpressure,
             filter,
             audit_keys_per_sec: r.number("SYNC_AUDIT_KEYS_PER_SEC", 1_000, 0, 1_000_000),
+            merkle: flag(&mut r, "SYNC_MERKLE", true),
         };
         let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
@@ -382,6 +401,7 @@ impl Default for SyncEngineConfig {
             backpressure: BackpressureThresholds::default(),
             filter: crate::filter::FilterConfig::default(),
             audit_keys_per_sec: 1_000,
+            merkle: true,
         }
     }
 }
@@ -425,6 +445,18 @@ mod tests {
         assert_eq!(config.kafka.topics, vec!["a", "b"]);
         assert_eq!(config.engine.batch.max_items, 1000);
         assert_eq!(config.kafka.passthrough["security.protocol"].expose(), "SASL_SSL");
+        assert!(config.engine.merkle);
+    }
+
+    #[test]
+    fn the_merkle_switch_takes_on_and_off_and_names_a_bad_value() {
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        assert!(!with(&[("SYNC_MERKLE", "0")]).unwrap().engine.merkle);
+        assert!(!with(&[("SYNC_MERKLE", "off")]).unwrap().engine.merkle);
+        assert!(with(&[("SYNC_MERKLE", "true")]).unwrap().engine.merkle);
+        let bad = with(&[("SYNC_MERKLE", "maybe")]).unwrap_err().to_string();
+        assert!(bad.contains("SYNC_MERKLE"), "{bad}");
     }
 
     #[test]

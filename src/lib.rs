@@ -16,6 +16,7 @@
 //! | `engine` | `SyncEngine`: submit, get, delete, flush, shutdown; batch, flush, WAL drain, L2 repair and L1 relief tasks; memory pressure (`MemoryPressure`) |
 //! | `resilience` | the write-ahead log, circuit breakers, retry backoff |
 //! | `kafka` | the consumer thread, offsets tracker, the worker loop, dead-letter producer |
+//! | `merkle` | the merkle tree over L3's rows split on dots (`PathMerkle`, `MerkleBatch`, `MerkleNode`, `MerkleDiff`): hashing, incremental `apply`, top-down diff (pure; L3's slots are `storage::sql_merkle`) |
 //! | `metrics` | every metric name and its description |
 //! | `http` | the endpoint: `/metrics`, `/health/live`, `/health/ready` |
 //! | `workload` | the generated workload (updates, deletes, poison) and its L3 check, for the demo, the benchmark and tests |
@@ -55,6 +56,7 @@ pub mod filter;
 pub mod http;
 pub mod item;
 pub mod kafka;
+pub mod merkle;
 pub mod metrics;
 pub mod options;
 pub mod pressure;
@@ -70,8 +72,9 @@ pub use config::{Config, SyncEngineConfig};
 pub use filter::{FilterConfig, FilterManager, FilterStats, FilterTrust};
 pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
 pub use item::{ContentType, Origin, SyncItem};
-pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
+pub use merkle::{MerkleBatch, MerkleDiff, MerkleNode, PathMerkle};
 pub use metrics::LatencyTimer;
+pub use options::{CacheTtl, OptionsKey, SubmitOptions, Tiers};
 pub use pressure::{BackpressureLevel, BackpressureThresholds};
 pub use resilience::circuit_breaker::{BackendCircuits, CircuitBreaker, CircuitConfig, CircuitError};
 pub use resilience::retry::RetryConfig;

@@ -2,7 +2,7 @@
 //!
 //! `run` (the worker, configured by `SYNC_*` env vars), `demo` (the embedded main job),
 //! `produce` (the load generator), `offsets` (a group's committed offsets), `replay` (move a stopped
-//! group's committed offsets so the workers re-read a range), `ceiling` (the raw MariaDB ceiling for the benchmark), `verify` (one L2 audit pass).
+//! group's committed offsets so the workers re-read a range), `ceiling` (the raw MariaDB ceiling for the benchmark), `verify` (one L2 audit pass), `diff` (compare two L3s by their merkle trees, `--repair`).
 
 mod cli;
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use cli::{ceiling, demo, offsets, produce, replay, verify};
+use cli::{ceiling, demo, diff, offsets, produce, replay, verify};
 
 #[derive(Parser)]
 #[command(name = "sync-engine", version, about = "Kafka → L1 → Redis → MySQL ingestion worker")]
@@ -35,6 +35,8 @@ enum Command {
     Ceiling(ceiling::CeilingArgs),
     /// Compare every L2 entry with L3 once (`--l2`), and repair what differs (`--repair`).
     Verify(verify::VerifyArgs),
+    /// Compare this worker's L3 with another by their merkle trees; print the divergent ids (--repair copies the newer rows).
+    Diff(diff::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay::run(args).map(|()| ExitCode::SUCCESS),
             Command::Ceiling(args) => ceiling::run(args).await.map(|_| ExitCode::SUCCESS),
             Command::Verify(args) => verify::run(args).await,
+            Command::Diff(args) => diff::run(args).await,
         }
     });
     // Do not wait for blocking tasks still running (a consumer thread join that timed out,

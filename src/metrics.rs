@@ -35,6 +35,8 @@ pub const WAL_ERRORS: &str = "sync_wal_errors_total";
 pub const CIRCUIT_STATE: &str = "sync_circuit_state";
 pub const L2_STALE_IDS: &str = "sync_l2_stale_ids";
 pub const L2_REPAIRED_IDS: &str = "sync_l2_repaired_ids_total";
+pub const MERKLE_DRAINED_MARKS: &str = "sync_merkle_drained_marks_total";
+pub const MERKLE_DRAIN_ERRORS: &str = "sync_merkle_drain_errors_total";
 pub const WAL_REJECTED_ITEMS: &str = "sync_wal_rejected_items_total";
 pub const DEAD_LETTER_DROPPED: &str = "sync_dead_letter_dropped_total";
 pub const CORRUPT_READS: &str = "sync_corrupt_reads_total";
@@ -127,6 +129,8 @@ fn describe() {
     describe_counter!(WAL_ERRORS, "Write-ahead log appends or drains that failed (full, i/o)");
     describe_gauge!(L2_STALE_IDS, "Ids whose L2 write failed, waiting for repair from L3");
     describe_counter!(L2_REPAIRED_IDS, "Ids rewritten from L3 (or invalidated) in L2 after a failed write");
+    describe_counter!(MERKLE_DRAINED_MARKS, "Merkle dirty marks folded into the tree over L3");
+    describe_counter!(MERKLE_DRAIN_ERRORS, "Failed merkle drain steps (retried after a second)");
     describe_gauge!(CIRCUIT_STATE, "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open");
     describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the configuration, by outcome (applied, refused)");
     describe_gauge!(

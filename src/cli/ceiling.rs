@@ -104,7 +104,8 @@ pub async fn run(args: CeilingArgs) -> anyhow::Result<f64> {
     let stored: i64 =
         sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", args.table)).fetch_one(&mut connection).await?;
     anyhow::ensure!(stored as usize == ids.len(), "{stored} rows stored for {} ids", ids.len());
-    for table in [args.table.clone(), format!("{}_migrations", args.table)] {
+    let leftovers = ["", "_migrations", "_merkle", "_merkle_dirty"].map(|suffix| format!("{}{suffix}", args.table));
+    for table in leftovers {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&mut connection).await?;
     }
     let method =

@@ -3,6 +3,7 @@
 
 pub mod ceiling;
 pub mod demo;
+pub mod diff;
 pub mod offsets;
 pub mod produce;
 pub mod replay;

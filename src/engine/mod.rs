@@ -25,6 +25,7 @@ mod filter_task;
 mod flushing;
 mod l2_audit;
 mod l2_repair;
+mod merkle_task;
 mod pending;
 mod prefix;
 mod reads;
@@ -287,6 +288,13 @@ impl SyncEngine {
             (None, Some(url)) => Some(Arc::new(SqlStore::connect(url.expose(), &self.config.sql_table).await?)),
             (None, None) => None,
         };
+        if let Some(l3) = l3.as_deref().and_then(|l3| l3.as_sql()) {
+            // Marks ride in every L3 write's transaction; with them off the tree is stale.
+            l3.set_merkle_marks(self.config.merkle);
+            if !self.config.merkle {
+                l3.merkle_invalidate().await?;
+            }
+        }
         let wal = match (&l3, &self.config.wal_dir) {
             (Some(_), Some(dir)) => {
                 Some(wal_drain::open(dir.clone(), self.config.wal_max_bytes).await.map_err(EngineError::Wal)?)
@@ -330,6 +338,9 @@ impl SyncEngine {
         self.tasks.spawn(l2_repair::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(filter_task::run(stores.clone(), self.stopping.clone()));
         self.tasks.spawn(l2_audit::run(stores.clone(), self.config.audit_keys_per_sec, self.stopping.clone()));
+        if self.config.merkle {
+            self.tasks.spawn(merkle_task::run(stores.clone(), self.pending.clone(), self.stopping.clone()));
+        }
         self.tasks.spawn(reconfigure::run(
             stores.clone(),
             self.pressure.clone(),

@@ -9,6 +9,7 @@ mod redis_cluster;
 mod redis_slots;
 mod redis_standalone;
 pub mod sql;
+pub mod sql_merkle;
 mod sql_mysql;
 mod sql_sqlite;
 mod traits;

@@ -155,6 +155,10 @@ impl SqlStore {
 }
 
 impl ArchiveStore for SqlStore {
+    fn as_sql(&self) -> Option<&SqlStore> {
+        Some(self)
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             SqlStore::MySql(_) => "mysql",

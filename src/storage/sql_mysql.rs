@@ -3,21 +3,23 @@
 //! MariaDB has no `AS new` row alias, so the guard reads incoming values with `VALUES()`.
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, placeholders, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError, Stored};
+use crate::storage::{sql_merkle, RowSummary, StoreError, Stored};
 
 pub struct MySqlStore {
-    pool: MySqlPool,
-    table: String,
+    pub(super) pool: MySqlPool,
+    pub(super) table: String,
     /// The server's `max_allowed_packet`, read at connect: statements must stay under it.
     max_allowed_packet: u64,
     /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
     pub(super) read_statements: AtomicU64,
+    /// Whether `write_batch` marks ids for the merkle tree (`sql_merkle.rs`).
+    pub(super) merkle_marks: AtomicBool,
 }
 
 /// Room in a one-row statement for everything but the content (SQL text, id, hash, origin).
@@ -71,8 +73,13 @@ impl MySqlStore {
             .map_err(classify)?;
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
-        let store =
-            MySqlStore { pool, table: table.to_owned(), max_allowed_packet, read_statements: AtomicU64::new(0) };
+        let store = MySqlStore {
+            pool,
+            table: table.to_owned(),
+            max_allowed_packet,
+            read_statements: AtomicU64::new(0),
+            merkle_marks: AtomicBool::new(false),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -101,7 +108,11 @@ impl MySqlStore {
         let create_ledger =
             format!("CREATE TABLE IF NOT EXISTS {ledger} (version BIGINT NOT NULL PRIMARY KEY, applied_at_ms BIGINT UNSIGNED NOT NULL)");
         sqlx::query(&create_ledger).execute(&self.pool).await.map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, CREATED_AT_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([
+            STATE_MIGRATION,
+            CREATED_AT_MIGRATION,
+            sql_merkle::MERKLE_MIGRATION,
+        ]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -115,7 +126,12 @@ impl MySqlStore {
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
                     None if version == CREATED_AT_MIGRATION => self.add_created_at().await?,
-                    None => self.add_state().await?,
+                    None if version == STATE_MIGRATION => self.add_state().await?,
+                    None => {
+                        for statement in sql_merkle::create_statements(&self.table, true) {
+                            sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                        }
+                    }
                 }
                 sqlx::query(&format!("INSERT IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
@@ -257,6 +273,17 @@ impl MySqlStore {
             for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
                 let (id, row) = sql::held_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)?;
                 held.insert(id, row);
+            }
+        }
+        // The merkle tree's durable dirty marks, with the leaf of what this transaction commits
+        // (sql_merkle.rs): one row per thousand ids, after every upsert took its row lock.
+        if self.merkle_marks.load(Ordering::Relaxed) {
+            let statement = sql_merkle::mark_sql(&self.table);
+            for chunk in items.chunks(sql_merkle::MARKS_PER_ROW) {
+                let marks = sql_merkle::encode_marks(
+                    chunk.iter().map(|item| (item.id.as_str(), sql_merkle::held_leaf(&item.id, held.get(&item.id)))),
+                );
+                sqlx::query(&statement).bind(marks).execute(&mut *transaction).await.map_err(classify)?;
             }
         }
         transaction.commit().await.map_err(classify)?;

@@ -5,20 +5,22 @@
 //! `synchronous = FULL` because offsets are committed on this durability.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
 use crate::storage::sql::{self, chunks, classify, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{RowSummary, StoreError, Stored};
+use crate::storage::{sql_merkle, RowSummary, StoreError, Stored};
 
 pub struct SqliteStore {
-    pool: SqlitePool,
-    table: String,
+    pub(super) pool: SqlitePool,
+    pub(super) table: String,
     /// `SELECT`s sent by `stored_in` and `live` (see `SqlStore::read_statements`).
     pub(super) read_statements: AtomicU64,
+    /// Whether `write_batch` marks ids for the merkle tree (`sql_merkle.rs`).
+    pub(super) merkle_marks: AtomicBool,
 }
 
 const MIGRATIONS: [(i64, &str); 1] = [(
@@ -70,7 +72,12 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
-        let store = SqliteStore { pool, table: table.to_owned(), read_statements: AtomicU64::new(0) };
+        let store = SqliteStore {
+            pool,
+            table: table.to_owned(),
+            read_statements: AtomicU64::new(0),
+            merkle_marks: AtomicBool::new(false),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -83,7 +90,11 @@ impl SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(classify)?;
-        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([STATE_MIGRATION, CREATED_AT_MIGRATION]);
+        let versions = MIGRATIONS.iter().map(|(version, _)| *version).chain([
+            STATE_MIGRATION,
+            CREATED_AT_MIGRATION,
+            sql_merkle::MERKLE_MIGRATION,
+        ]);
         for version in versions {
             let done: Option<i64> = sqlx::query_scalar(&format!("SELECT version FROM {ledger} WHERE version = ?"))
                 .bind(version)
@@ -97,7 +108,12 @@ impl SqliteStore {
                         sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
                     }
                     None if version == CREATED_AT_MIGRATION => self.add_created_at().await?,
-                    None => self.add_state().await?,
+                    None if version == STATE_MIGRATION => self.add_state().await?,
+                    None => {
+                        for statement in sql_merkle::create_statements(&self.table, false) {
+                            sqlx::query(&statement).execute(&self.pool).await.map_err(classify)?;
+                        }
+                    }
                 }
                 sqlx::query(&format!("INSERT OR IGNORE INTO {ledger} (version, applied_at_ms) VALUES (?, ?)"))
                     .bind(version)
@@ -206,6 +222,17 @@ impl SqliteStore {
             for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
                 let (id, row) = sql::held_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)?;
                 held.insert(id, row);
+            }
+        }
+        // The merkle tree's durable dirty marks, with the leaf of what this transaction commits
+        // (sql_merkle.rs): one row per thousand ids, after every upsert took its row lock.
+        if self.merkle_marks.load(Ordering::Relaxed) {
+            let statement = sql_merkle::mark_sql(&self.table);
+            for chunk in items.chunks(sql_merkle::MARKS_PER_ROW) {
+                let marks = sql_merkle::encode_marks(
+                    chunk.iter().map(|item| (item.id.as_str(), sql_merkle::held_leaf(&item.id, held.get(&item.id)))),
+                );
+                sqlx::query(&statement).bind(marks).execute(&mut *transaction).await.map_err(classify)?;
             }
         }
         transaction.commit().await.map_err(classify)?;

@@ -184,4 +184,10 @@ pub trait ArchiveStore: Send + Sync {
 
     /// Closes connections; later calls fail.
     fn close(&self) -> StoreFuture<'_, ()>;
+
+    /// The SQL store behind this archive, for what only SQL stores keep (the merkle tree over
+    /// the rows, `storage/sql_merkle.rs`); `None` for others, which then have no tree.
+    fn as_sql(&self) -> Option<&crate::storage::sql::SqlStore> {
+        None
+    }
 }
