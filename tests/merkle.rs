@@ -73,50 +73,36 @@ async fn change_ten_by_hand(url: &str, table: &str, store: &SqlStore, count: usi
         false,
     ));
     let new_id = "bench.extra.by_hand".to_owned();
+    // The same statements on either database: sqlx's pools differ in type, not in use.
+    macro_rules! apply_by_hand {
+        ($pool:expr) => {{
+            let pool = $pool;
+            for (statement, id, with_content) in &statements {
+                let mut query = sqlx::query(statement);
+                if *with_content {
+                    query = query.bind(&b"changed by hand"[..]).bind(&hash[..]);
+                } else if statement.contains("content_hash = ?") {
+                    query = query.bind(&empty_hash[..]);
+                }
+                query.bind(id.as_bytes()).execute(&pool).await.expect("hand change");
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {table} (id, version, content, content_type, content_hash, deleted, updated_at_ms) \
+                 VALUES (?, 3, ?, 'binary', ?, 0, 0)"
+            ))
+            .bind(new_id.as_bytes())
+            .bind(&b"changed by hand"[..])
+            .bind(&hash[..])
+            .execute(&pool)
+            .await
+            .expect("hand insert");
+            pool.close().await;
+        }};
+    }
     if url.starts_with("mysql://") {
-        let pool = sqlx::MySqlPool::connect(url).await.expect("mysql");
-        for (statement, id, with_content) in &statements {
-            let mut query = sqlx::query(statement);
-            if *with_content {
-                query = query.bind(&b"changed by hand"[..]).bind(&hash[..]);
-            } else if statement.contains("content_hash = ?") {
-                query = query.bind(&empty_hash[..]);
-            }
-            query.bind(id.as_bytes()).execute(&pool).await.expect("hand change");
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {table} (id, version, content, content_type, content_hash, deleted, updated_at_ms) \
-             VALUES (?, 3, ?, 'binary', ?, 0, 0)"
-        ))
-        .bind(new_id.as_bytes())
-        .bind(&b"changed by hand"[..])
-        .bind(&hash[..])
-        .execute(&pool)
-        .await
-        .expect("hand insert");
-        pool.close().await;
+        apply_by_hand!(sqlx::MySqlPool::connect(url).await.expect("mysql"));
     } else {
-        let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
-        for (statement, id, with_content) in &statements {
-            let mut query = sqlx::query(statement);
-            if *with_content {
-                query = query.bind(&b"changed by hand"[..]).bind(&hash[..]);
-            } else if statement.contains("content_hash = ?") {
-                query = query.bind(&empty_hash[..]);
-            }
-            query.bind(id.as_bytes()).execute(&pool).await.expect("hand change");
-        }
-        sqlx::query(&format!(
-            "INSERT INTO {table} (id, version, content, content_type, content_hash, deleted, updated_at_ms) \
-             VALUES (?, 3, ?, 'binary', ?, 0, 0)"
-        ))
-        .bind(new_id.as_bytes())
-        .bind(&b"changed by hand"[..])
-        .bind(&hash[..])
-        .execute(&pool)
-        .await
-        .expect("hand insert");
-        pool.close().await;
+        apply_by_hand!(sqlx::SqlitePool::connect(url).await.expect("sqlite"));
     }
     for (_, id, _) in &statements {
         changed.push(id.clone());
