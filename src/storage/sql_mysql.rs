@@ -146,8 +146,7 @@ impl MySqlStore {
 
     /// Adds the nullable `state` column and the `(state, id)` index unless the table has them
     /// (a table created before states existed gets them here; MariaDB adds a nullable column
-    /// instantly, the index is built online). Another process adding them at the same time
-    /// is fine: a failed `ALTER` is an error only if the column or index is still missing.
+    /// instantly, the index is built online), through `alter_unless_present`.
     async fn add_state(&self) -> Result<(), StoreError> {
         let table = &self.table;
         let steps = [
@@ -163,21 +162,7 @@ impl MySqlStore {
                 format!("ALTER TABLE {table} ADD INDEX state_id (state, id)"),
             ),
         ];
-        for (check, alter) in steps {
-            let present = || async {
-                let count: i64 = sqlx::query_scalar(check).bind(table).fetch_one(&self.pool).await.map_err(classify)?;
-                Ok::<bool, StoreError>(count > 0)
-            };
-            if present().await? {
-                continue;
-            }
-            if let Err(error) = sqlx::query(&alter).execute(&self.pool).await {
-                if !present().await? {
-                    return Err(classify(error));
-                }
-            }
-        }
-        Ok(())
+        self.alter_unless_present(&steps).await
     }
 
     /// Adds `created_at_ms` (nullable: existing rows keep NULL, and adding it is instant),

@@ -126,45 +126,41 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Adds the nullable `state` column (unless `pragma table_info` lists it) and the
-    /// `(state, id)` index. Index names are per database in SQLite: it is `<table>_state_id`.
+    /// Adds the nullable `state` column and the `(state, id)` index. Index names are per
+    /// database in SQLite: it is `<table>_state_id`.
     async fn add_state(&self) -> Result<(), StoreError> {
+        self.add_column_with_index("state", "BLOB", "state_id", "state, id").await
+    }
+
+    /// Adds `created_at_ms` and its index `<table>_created_at_ms`. Rows from before keep
+    /// NULL: the filter's warm-up pages every id.
+    async fn add_created_at(&self) -> Result<(), StoreError> {
+        self.add_column_with_index("created_at_ms", "INTEGER", "created_at_ms", "created_at_ms").await
+    }
+
+    /// Adds a nullable column unless `pragma table_info` lists it, then the index
+    /// `<table>_<index>` on `columns` unless it exists.
+    async fn add_column_with_index(
+        &self,
+        column: &str,
+        column_type: &str,
+        index: &str,
+        columns: &str,
+    ) -> Result<(), StoreError> {
         let table = &self.table;
         let present: i64 =
-            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'state'"))
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?"))
+                .bind(column)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(classify)?;
         if present == 0 {
-            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN state BLOB NULL"))
+            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {column_type} NULL"))
                 .execute(&self.pool)
                 .await
                 .map_err(classify)?;
         }
-        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {table}_state_id ON {table} (state, id)"))
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(())
-    }
-
-    /// Adds `created_at_ms` unless `pragma table_info` lists it, and its index
-    /// `<table>_created_at_ms`. Rows from before keep NULL: the filter's warm-up pages every id.
-    async fn add_created_at(&self) -> Result<(), StoreError> {
-        let table = &self.table;
-        let present: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'created_at_ms'"
-        ))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)?;
-        if present == 0 {
-            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN created_at_ms INTEGER NULL"))
-                .execute(&self.pool)
-                .await
-                .map_err(classify)?;
-        }
-        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {table}_created_at_ms ON {table} (created_at_ms)"))
+        sqlx::query(&format!("CREATE INDEX IF NOT EXISTS {table}_{index} ON {table} ({columns})"))
             .execute(&self.pool)
             .await
             .map_err(classify)?;
