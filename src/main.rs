@@ -6,6 +6,12 @@
 
 mod cli;
 
+/// mimalloc instead of glibc malloc: the worker allocates per record (decode, batches, rows) on
+/// several threads, and glibc's arenas spent a quarter of the library path's CPU in
+/// malloc/free/consolidate (perf, `scripts/bench.sh`). The library leaves the choice to its user.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
