@@ -14,6 +14,11 @@
 //! says are not yet durable. Each entry keeps its own last-access tick for this (a logical
 //! clock, one tick per read or write), since moka's own policy is not visible.
 //!
+//! A write reads the id's entry, compares versions and writes while holding the id's stripe
+//! lock (one of `STRIPES` mutexes, by a hash of the id), so two writers of one id cannot both
+//! pass the guard. moka's own `and_compute_with` gave the same atomicity with a lock per key
+//! in a side map; it cost about a third of the worker's CPU in `scripts/bench.sh`.
+//!
 //! moka's capacity is fixed when it is built, so a live change of `SYNC_L1_MAX_BYTES`
 //! (`resize`) builds a new moka cache and carries the entries over, hottest first by the same
 //! ranking, keeping those that fit and every id not yet durable.
@@ -21,8 +26,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use moka::future::Cache;
-use moka::ops::compute::{CompResult, Op};
+use moka::sync::Cache;
 
 use crate::item::{supersedes, SyncItem};
 use crate::storage::sql::HeldRow;
@@ -43,10 +47,38 @@ impl Entry {
 
 type Moka = Cache<String, Arc<Entry>>;
 
+/// Stripe locks for the version guard (see the module doc): enough that two ids rarely share
+/// one on a few cores, few enough to stay in a cache line or two.
+const STRIPES: usize = 64;
+
+/// How long one ranking of `evict_large_and_cold` serves later calls. Ranking every entry on
+/// every relief tick (20 ms) cost a fifth of the worker's CPU under pressure; a ranking this
+/// old only misses entries written since, which are the hottest anyway.
+const RANKING_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A ranking is also made again once the reads and writes since reach this share of the
+/// entries it ranked: entries written since are not in it, so an old ranking would spare
+/// them and evict better ones in their place.
+const RERANK_AFTER_SHARE: u64 = 16;
+
+/// A ranking, worst first from the end (`pop`). Weak references: an entry moka dropped
+/// meanwhile is not kept alive by it. An entry read or written since (its access tick is past
+/// `made_at_tick`) has a stale rank and is passed over.
+struct Ranking {
+    made_at: std::time::Instant,
+    made_at_tick: u64,
+    /// How many entries it ranked.
+    ranked: u64,
+    order: Vec<(Arc<String>, std::sync::Weak<Entry>)>,
+}
+
 #[derive(Clone)]
 pub struct L1Cache {
     /// Replaced whole by `resize`; every other call works on the current one.
     cache: Arc<std::sync::RwLock<Moka>>,
+    stripes: Arc<[std::sync::Mutex<()>; STRIPES]>,
+    /// The last ranking of `evict_large_and_cold`, consumed across calls.
+    ranking: Arc<std::sync::Mutex<Option<Ranking>>>,
     max_bytes: Arc<AtomicU64>,
     /// The bytes of the entries held (see the module doc).
     bytes: Arc<AtomicU64>,
@@ -61,6 +93,8 @@ impl L1Cache {
         let bytes = Arc::new(AtomicU64::new(0));
         L1Cache {
             cache: Arc::new(std::sync::RwLock::new(build(max_bytes, bytes.clone()))),
+            stripes: Arc::new(std::array::from_fn(|_| std::sync::Mutex::new(()))),
+            ranking: Default::default(),
             max_bytes: Arc::new(AtomicU64::new(max_bytes)),
             bytes,
             clock: Default::default(),
@@ -72,6 +106,23 @@ impl L1Cache {
     /// The moka cache now in use (a cheap handle: moka's caches are shared references).
     fn cache(&self) -> Moka {
         self.cache.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// The guard lock of an id: held from reading its entry to writing it.
+    fn lock_id(&self, id: &str) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = &self.stripes[crc32fast::hash(id.as_bytes()) as usize % STRIPES];
+        stripe.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Removes the id's entry if `remove` says so of it; returns the entry removed.
+    fn remove_if(&self, cache: &Moka, id: &str, remove: impl FnOnce(&Entry) -> bool) -> Option<Arc<Entry>> {
+        let _guard = self.lock_id(id);
+        let current = cache.get(id)?;
+        if remove(&current) {
+            cache.remove(id)
+        } else {
+            None
+        }
     }
 
     /// The byte capacity now in force.
@@ -97,7 +148,7 @@ impl L1Cache {
         // Two passes: a call that took the old handle just before the swap may still have
         // written to it during the first.
         for _ in 0..2 {
-            old.run_pending_tasks().await;
+            old.run_pending_tasks();
             // Kept ids first, then the hottest: all of them within the new capacity, so moka's
             // own eviction (which would not know which ids to spare) has nothing to do.
             let mut ranked = self.ranked(&old, |_| false);
@@ -105,7 +156,7 @@ impl L1Cache {
             ranked.sort_by_key(|(_, id, _)| !keep(id));
             for (_, id, entry) in ranked {
                 // Removing from the old cache uncounts its bytes (the eviction listener).
-                old.remove(id.as_str()).await;
+                old.remove(id.as_str());
                 let size = entry.size_bytes();
                 if keep(&id) || carried + size <= max_bytes {
                     carried += size;
@@ -134,15 +185,13 @@ impl L1Cache {
         let size = entry.size_bytes();
         // Counted before it can be removed, so the count never dips below what is held.
         self.bytes.fetch_add(size, Ordering::SeqCst);
-        let result = self
-            .cache()
-            .entry(entry.item.id.clone())
-            .and_compute_with(|current| {
-                let replace = current.is_none_or(|current| entry.item.supersedes(&current.value().item));
-                std::future::ready(if replace { Op::Put(entry) } else { Op::Nop })
-            })
-            .await;
-        if !matches!(result, CompResult::Inserted(_) | CompResult::ReplacedWith(_)) {
+        let cache = self.cache();
+        let _guard = self.lock_id(&entry.item.id);
+        let replace = cache.get(entry.item.id.as_str()).is_none_or(|current| entry.item.supersedes(&current.item));
+        if replace {
+            // A replaced entry is uncounted by the eviction listener.
+            cache.insert(entry.item.id.clone(), entry);
+        } else {
             self.bytes.fetch_sub(size, Ordering::SeqCst);
         }
     }
@@ -150,32 +199,20 @@ impl L1Cache {
     /// Drops the id's entry unless it is L3's row or newer than it: an entry L3 refused (an
     /// older version, or other content at the same version) must not answer reads.
     pub async fn drop_if_behind(&self, id: &str, row: &HeldRow) {
-        self.cache()
-            .entry(id.to_owned())
-            .and_compute_with(|current| {
-                let behind = current.is_some_and(|entry| {
-                    let cached = &entry.value().item;
-                    let newer = supersedes(cached.version, cached.origin.as_ref(), row.version, row.origin.as_ref());
-                    !newer && !row.is(cached)
-                });
-                std::future::ready(if behind { Op::Remove } else { Op::Nop })
-            })
-            .await;
+        self.remove_if(&self.cache(), id, |entry| {
+            let cached = &entry.item;
+            let newer = supersedes(cached.version, cached.origin.as_ref(), row.version, row.origin.as_ref());
+            !newer && !row.is(cached)
+        });
     }
 
     /// Drops the entry if it is exactly this item (one L3 rejected for its content).
     pub async fn remove_exact(&self, item: &SyncItem) {
-        self.cache()
-            .entry(item.id.clone())
-            .and_compute_with(|current| {
-                let same = current.is_some_and(|entry| entry.value().item.as_ref() == item);
-                std::future::ready(if same { Op::Remove } else { Op::Nop })
-            })
-            .await;
+        self.remove_if(&self.cache(), &item.id, |entry| entry.item.as_ref() == item);
     }
 
     pub async fn get(&self, id: &str) -> Option<Arc<SyncItem>> {
-        match self.cache().get(id).await {
+        match self.cache().get(id) {
             Some(entry) => {
                 entry.last_access.store(self.tick(), Ordering::Relaxed);
                 entry.reads.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +243,7 @@ impl L1Cache {
 
     /// Applies moka's pending inserts, evictions and expiries.
     pub async fn run_pending_tasks(&self) {
-        self.cache().run_pending_tasks().await;
+        self.cache().run_pending_tasks();
     }
 
     /// Evicts entries until `bytes_to_free` are freed (or nothing evictable is left),
@@ -217,26 +254,42 @@ impl L1Cache {
     /// entry that was popular once. (Size × idle ticks alone, an LRU by bytes, lost to moka's
     /// frequency-based policy on a Zipf-like workload: tests/backpressure.rs.) Never an entry whose id `keep` names (the engine's ids not
     /// yet settled: L1 must keep answering reads of those with the newest version), checked
-    /// again at removal, and never an entry replaced since the ranking. Returns bytes freed.
+    /// again at removal, and never an entry replaced since the ranking. A ranking serves the
+    /// calls of the next `RANKING_MAX_AGE`. Returns bytes freed.
     pub async fn evict_large_and_cold(&self, bytes_to_free: u64, keep: impl Fn(&str) -> bool) -> u64 {
         if bytes_to_free == 0 {
             return 0;
         }
         let cache = self.cache();
-        let ranked = self.ranked(&cache, &keep);
+        let mut ranking = self.ranking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut ranked_now = false;
         let mut freed = 0u64;
-        for (_, id, ranked_entry) in ranked {
-            if freed >= bytes_to_free {
-                break;
+        while freed < bytes_to_free {
+            // A ranking too old, or used up before this call freed enough, is made again
+            // (once per call: a fresh one that runs out has nothing more to give).
+            let stale = ranking.as_ref().is_none_or(|ranking| {
+                let ticks_since = self.clock.load(Ordering::Relaxed) - ranking.made_at_tick;
+                ranking.made_at.elapsed() >= RANKING_MAX_AGE
+                    || ranking.order.is_empty()
+                    || ticks_since > ranking.ranked / RERANK_AFTER_SHARE
+            });
+            if stale && !ranked_now {
+                let mut order: Vec<_> =
+                    self.ranked(&cache, &keep).into_iter().map(|(_, id, entry)| (id, Arc::downgrade(&entry))).collect();
+                order.reverse();
+                let made_at_tick = self.clock.load(Ordering::Relaxed);
+                let ranked = order.len() as u64;
+                *ranking = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, ranked, order });
+                ranked_now = true;
             }
-            let removed = cache
-                .entry(id.as_ref().clone())
-                .and_compute_with(|current| {
-                    let same = current.is_some_and(|current| Arc::ptr_eq(current.value(), &ranked_entry));
-                    std::future::ready(if same && !keep(&id) { Op::Remove } else { Op::Nop })
-                })
-                .await;
-            if matches!(removed, CompResult::Removed(_)) {
+            let Ranking { order, made_at_tick, .. } = ranking.as_mut().expect("ranked above");
+            let Some((id, ranked_entry)) = order.pop() else { break };
+            let Some(ranked_entry) = ranked_entry.upgrade() else { continue };
+            if ranked_entry.last_access.load(Ordering::Relaxed) > *made_at_tick {
+                continue;
+            }
+            let removed = self.remove_if(&cache, &id, |current| std::ptr::eq(current, &*ranked_entry) && !keep(&id));
+            if removed.is_some() {
                 freed += ranked_entry.size_bytes();
             }
         }
@@ -265,7 +318,7 @@ impl L1Cache {
     /// can still move the count while it is read.
     pub async fn entry_count(&self) -> u64 {
         let cache = self.cache();
-        cache.run_pending_tasks().await;
+        cache.run_pending_tasks();
         cache.entry_count()
     }
 
