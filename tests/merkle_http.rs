@@ -271,3 +271,24 @@ async fn the_worker_serves_the_tree_on_its_own_listener_only_mysql() {
     assert_eq!(metrics_on_merkle.0, 404, "the merkle listener has no /metrics");
     drop_tables(&mysql_url(), &[&names.table]).await;
 }
+
+/// On SQLite (a pool of one connection) every request is answered too, the root's included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_is_served_with_its_single_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("items.db").display());
+    let store = Arc::new(SqlStore::connect(&url, "items").await.expect("L3"));
+    store.set_merkle_marks(true);
+    let items = [item("uk.nhs.a", "a"), item("uk.nhs.a.b", "b")];
+    store.write_batch(&items.iter().collect::<Vec<_>>(), TIMEOUT).await.expect("written");
+    store.merkle_ensure_built().await.unwrap();
+    store.merkle_drain().await.unwrap();
+    let stop = CancellationToken::new();
+    let port = serve(store.clone(), &stop).await;
+    let root = tokio::time::timeout(Duration::from_secs(10), get(port, "/merkle/")).await.expect("answered in time");
+    assert_eq!(line(&root, "node"), Some(hex(&store.merkle_root().await.unwrap())));
+    let node = get(port, "/merkle/uk.nhs.a").await;
+    assert!(line(&node, "leaf").is_some() && !entries(&node, "b1").is_empty(), "{node}");
+    stop.cancel();
+    store.close().await;
+}

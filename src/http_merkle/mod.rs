@@ -50,8 +50,9 @@ use request::{bearer_token, parse_target, percent_encode, token_digest, token_ma
 
 /// The body of every refused request, whatever it asked for.
 pub const UNAUTHORIZED_BODY: &str = "unauthorized\n";
-/// Tree reads in flight at once: each holds an L3 connection, which the engine needs more.
-const CONCURRENT_READS: usize = 4;
+/// Tree reads in flight at once: each holds an L3 connection (of 8 on MySQL), which the
+/// engine's writes need more.
+const CONCURRENT_READS: usize = 2;
 
 /// Where the endpoint finds the L3 whose tree it serves.
 pub trait MerkleSource: Send + Sync + 'static {
@@ -149,6 +150,11 @@ impl Endpoint {
 /// The body for `target` from one snapshot of the tree; `None` when nothing is there.
 async fn render(store: &SqlStore, target: &Target) -> Result<Option<String>, MerkleError> {
     let key = path_key(target.depth, &target.path);
+    // Counted before the snapshot opens: SQLite's pool has one connection, which it holds.
+    let pending = match (target.depth, target.query) {
+        (0, Query::Node) => store.merkle_pending().await?,
+        _ => 0,
+    };
     let mut slots = store.merkle_slots().await?;
     let body = match target.query {
         Query::Node => {
@@ -170,11 +176,7 @@ async fn render(store: &SqlStore, target: &Target) -> Result<Option<String>, Mer
                     None => empty_root(),
                 };
                 let built = if values.contains_key(BUILT_SLOT) { "yes" } else { "no" };
-                body.push_str(&format!(
-                    "node {}\nbuilt {built}\npending {}\n",
-                    hex(&root),
-                    store.merkle_pending().await?
-                ));
+                body.push_str(&format!("node {}\nbuilt {built}\npending {pending}\n", hex(&root)));
             } else {
                 let leaf = slots.leaves(std::slice::from_ref(&target.path)).await?.get(&target.path).copied();
                 let Some(node) = node_hash(leaf.as_ref(), &buckets) else {
