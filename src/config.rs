@@ -140,11 +140,24 @@ pub struct SyncEngineConfig {
     pub merkle: bool,
 }
 
+/// `GET /merkle/<path>` (`crate::http_merkle`): its own address and the bearer token it
+/// demands. The token is a `Secret`, so `Debug` never shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MerkleHttpConfig {
+    pub addr: SocketAddr,
+    pub token: Secret,
+}
+
+/// The shortest `SYNC_MERKLE_TOKEN` accepted, in bytes.
+pub const MIN_MERKLE_TOKEN_BYTES: usize = 16;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub kafka: KafkaConfig,
     pub engine: SyncEngineConfig,
     pub metrics_addr: SocketAddr,
+    /// `SYNC_MERKLE_ADDR` and `SYNC_MERKLE_TOKEN`; `None` (the default): no merkle endpoint.
+    pub merkle_http: Option<MerkleHttpConfig>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
     /// `SYNC_LOG`: a tracing filter (`info`, `info,sync_engine=debug`); changes live.
@@ -196,6 +209,38 @@ impl Reader<'_> {
     fn problem(&mut self, name: &str, why: impl Into<String>) {
         self.problems.push((name.into(), why.into()));
     }
+}
+
+/// The merkle endpoint: off unless `SYNC_MERKLE_ADDR` is set (non-empty); then it needs a
+/// `SYNC_MERKLE_TOKEN` of at least `MIN_MERKLE_TOKEN_BYTES` visible ASCII characters and an
+/// address other than the metrics listener's. The token is never quoted back.
+fn merkle_http(r: &mut Reader<'_>, metrics_addr: SocketAddr) -> Option<MerkleHttpConfig> {
+    let raw_addr = r.text("SYNC_MERKLE_ADDR", "");
+    if raw_addr.trim().is_empty() {
+        return None;
+    }
+    let addr: Option<SocketAddr> = raw_addr.trim().parse().ok();
+    if addr.is_none() {
+        r.problem("SYNC_MERKLE_ADDR", format!("expected host:port, got {raw_addr:?}"));
+    }
+    let shares_metrics = addr.is_some_and(|addr| {
+        addr.port() == metrics_addr.port()
+            && (addr.ip() == metrics_addr.ip() || addr.ip().is_unspecified() || metrics_addr.ip().is_unspecified())
+    });
+    if shares_metrics {
+        r.problem("SYNC_MERKLE_ADDR", "must differ from SYNC_METRICS_ADDR: the merkle endpoint has its own listener");
+    }
+    let token = r.vars.get("SYNC_MERKLE_TOKEN").map(|token| token.trim().to_owned()).unwrap_or_default();
+    if token.is_empty() {
+        r.problem("SYNC_MERKLE_TOKEN", "required when SYNC_MERKLE_ADDR is set");
+    } else if token.len() < MIN_MERKLE_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        r.problem(
+            "SYNC_MERKLE_TOKEN",
+            format!("expected at least {MIN_MERKLE_TOKEN_BYTES} visible ASCII characters, no spaces (value not shown)"),
+        );
+    }
+    let valid = r.problems.iter().all(|(name, _)| !name.starts_with("SYNC_MERKLE_"));
+    addr.filter(|_| valid).map(|addr| MerkleHttpConfig { addr, token: Secret(token) })
 }
 
 /// `SYNC_KAFKA_INSTANCE_ID`, else `HOSTNAME`; set but empty turns static membership off.
@@ -287,6 +332,7 @@ impl Config {
             r.problem("SYNC_METRICS_ADDR", format!("expected host:port, got {metrics_addr:?}"));
             SocketAddr::from(([0, 0, 0, 0], 9090))
         });
+        let merkle_http = merkle_http(&mut r, metrics_addr);
         let passthrough = vars
             .iter()
             .filter_map(|(name, value)| {
@@ -371,7 +417,7 @@ impl Config {
             audit_keys_per_sec: r.number("SYNC_AUDIT_KEYS_PER_SEC", 1_000, 0, 1_000_000),
             merkle: flag(&mut r, "SYNC_MERKLE", true),
         };
-        let config = Config { kafka, engine, metrics_addr, shutdown_grace, log_format, log_filter };
+        let config = Config { kafka, engine, metrics_addr, merkle_http, shutdown_grace, log_format, log_filter };
         if r.problems.is_empty() {
             Ok(config)
         } else {
@@ -512,6 +558,43 @@ mod tests {
         assert!(!with(&[("SYNC_FILTER_LAG_BOUND_MS", "0")]).unwrap().engine.filter.enabled);
         let bad = with(&[("SYNC_FILTER_LAG_BOUND_MS", "1000"), ("SYNC_FILTER_POLL_INTERVAL_MS", "1000")]);
         assert!(bad.unwrap_err().to_string().contains("SYNC_FILTER_POLL_INTERVAL_MS"));
+    }
+
+    #[test]
+    fn the_merkle_endpoint_is_off_by_default_and_needs_its_own_address_and_a_long_token() {
+        const TOKEN: &str = "s3cret-token-0123456789";
+        let base = [("SYNC_KAFKA_TOPICS", "a"), ("SYNC_SQL_URL", "sqlite::memory:")];
+        let with = |extra: &[(&str, &str)]| Config::from_vars(vars(&[&base[..], extra].concat()));
+        assert_eq!(with(&[]).unwrap().merkle_http, None);
+        assert_eq!(with(&[("SYNC_MERKLE_ADDR", ""), ("SYNC_MERKLE_TOKEN", TOKEN)]).unwrap().merkle_http, None);
+        let on = with(&[("SYNC_MERKLE_ADDR", "127.0.0.1:9091"), ("SYNC_MERKLE_TOKEN", TOKEN)]).unwrap();
+        let merkle = on.merkle_http.clone().unwrap();
+        assert_eq!((merkle.addr, merkle.token.expose()), ("127.0.0.1:9091".parse().unwrap(), TOKEN));
+        assert!(!format!("{on:?}").contains(TOKEN), "Debug of Config shows the token");
+        for (extra, name) in [
+            (vec![("SYNC_MERKLE_ADDR", "127.0.0.1:9091")], "SYNC_MERKLE_TOKEN"),
+            (vec![("SYNC_MERKLE_ADDR", "127.0.0.1:9091"), ("SYNC_MERKLE_TOKEN", "s3cret-short")], "SYNC_MERKLE_TOKEN"),
+            (
+                vec![("SYNC_MERKLE_ADDR", "127.0.0.1:9091"), ("SYNC_MERKLE_TOKEN", "s3cret token 0123456789")],
+                "SYNC_MERKLE_TOKEN",
+            ),
+            (vec![("SYNC_MERKLE_ADDR", "9091"), ("SYNC_MERKLE_TOKEN", TOKEN)], "SYNC_MERKLE_ADDR"),
+            (vec![("SYNC_MERKLE_ADDR", "127.0.0.1:9090"), ("SYNC_MERKLE_TOKEN", TOKEN)], "SYNC_MERKLE_ADDR"),
+            (
+                vec![
+                    ("SYNC_METRICS_ADDR", "127.0.0.1:9500"),
+                    ("SYNC_MERKLE_ADDR", "127.0.0.1:9500"),
+                    ("SYNC_MERKLE_TOKEN", TOKEN),
+                ],
+                "SYNC_MERKLE_ADDR",
+            ),
+        ] {
+            let message = with(&extra).unwrap_err().to_string();
+            assert!(message.contains(name), "{extra:?}: {message}");
+            assert!(!message.contains("s3cret"), "the token is printed: {message}");
+        }
+        let elsewhere = [("SYNC_MERKLE_ADDR", "127.0.0.1:9090"), ("SYNC_METRICS_ADDR", "127.0.0.1:9500")];
+        assert!(with(&[&elsewhere[..], &[("SYNC_MERKLE_TOKEN", TOKEN)]].concat()).unwrap().merkle_http.is_some());
     }
 
     #[test]

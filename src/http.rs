@@ -2,7 +2,8 @@
 //!
 //! A deliberately tiny HTTP/1.0 responder: GET only (405 otherwise), request head capped at
 //! 8 KiB and due within `REQUEST_TIMEOUT` (408 and closed otherwise); it serves three fixed
-//! paths and pulls in no web framework.
+//! paths and pulls in no web framework. The merkle endpoint (`merkle::http`) reuses its
+//! listener loop, head reading and response writing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,34 +124,59 @@ pub async fn serve(
     extra: ExtraMetrics,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    let endpoint = Endpoint { handle, readiness, probe, extra };
+    serve_with(addr, "metrics", stop, move |stream| answer(stream, endpoint.clone())).await
+}
+
+/// Binds `addr` and answers every connection with `handler` on a task of its own until `stop`
+/// is cancelled; `what` names the listener in logs. Shared by the metrics and merkle endpoints.
+pub(crate) async fn serve_with<H, F>(
+    addr: SocketAddr,
+    what: &'static str,
+    stop: CancellationToken,
+    handler: H,
+) -> std::io::Result<SocketAddr>
+where
+    H: Fn(TcpStream) -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let endpoint = Endpoint { handle, readiness, probe, extra };
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
-                    Err(error) => { tracing::warn!(%error, "metrics endpoint accept failed"); continue; }
+                    Err(error) => { tracing::warn!(%error, endpoint = what, "endpoint accept failed"); continue; }
                 },
             };
-            tokio::spawn(answer(stream, endpoint.clone()));
+            tokio::spawn(handler(stream));
         }
     });
     Ok(bound)
 }
 
 async fn answer(mut stream: TcpStream, endpoint: Endpoint) {
-    let (status, body) = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => endpoint.route(&head),
-        Err(_) => ("408 Request Timeout", "request timeout\n".to_owned()),
+    let (status, body) = match read_head_within(&mut stream).await {
+        Some(head) => endpoint.route(&head),
+        None => ("408 Request Timeout", "request timeout\n".to_owned()),
     };
     // 405 must say what is allowed (RFC 9110); it costs nothing on the other answers.
-    let response = format!(
-        "HTTP/1.0 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nallow: GET\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let head = "content-type: text/plain; version=0.0.4\r\nallow: GET\r\n";
+    respond(&mut stream, status, head, &body).await;
+}
+
+/// The request head, or `None` when it did not arrive within `REQUEST_TIMEOUT` (answer 408).
+pub(crate) async fn read_head_within(stream: &mut TcpStream) -> Option<String> {
+    tokio::time::timeout(REQUEST_TIMEOUT, read_head(stream)).await.ok()
+}
+
+/// Writes an HTTP/1.0 response and gives up after `RESPONSE_TIMEOUT`. `headers` are extra
+/// header lines, each ending in CRLF.
+pub(crate) async fn respond(stream: &mut TcpStream, status: &str, headers: &str, body: &str) {
+    let response =
+        format!("HTTP/1.0 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
     let _ = tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(response.as_bytes())).await;
 }
 

@@ -19,6 +19,7 @@
 //! | `merkle` | the merkle tree over L3's rows split on dots (`PathMerkle`, `MerkleBatch`, `MerkleNode`, `MerkleDiff`): hashing, incremental `apply`, top-down diff (pure; L3's slots are `storage::sql_merkle`) |
 //! | `metrics` | every metric name and its description |
 //! | `http` | the endpoint: `/metrics`, `/health/live`, `/health/ready` |
+//! | `http_merkle` | `GET /merkle/<path>` on its own listener behind a bearer token (off by default), and `HttpSlots`, a peer's tree read through it |
 //! | `workload` | the generated workload (updates, deletes, poison) and its L3 check, for the demo, the benchmark and tests |
 //! | `reload` | the worker's env file (`SYNC_ENV_FILE`) and what a SIGHUP may change live |
 //! | `rfc3339` | RFC 3339 times ↔ epoch milliseconds, for `replay --to-datetime` |
@@ -54,6 +55,7 @@ pub mod decode;
 pub mod engine;
 pub mod filter;
 pub mod http;
+pub mod http_merkle;
 pub mod item;
 pub mod kafka;
 pub mod merkle;

@@ -373,3 +373,75 @@ async fn rebuild_finds_an_unmarked_hand_change_sqlite() {
     assert!(stdout.contains("divergent=1 "), "{stdout}");
     local.close().await;
 }
+
+/// Inserts `count` rows `bench.NNNNNNNN` (version 1, ~15 bytes of content) straight into the
+/// table, 5,000 a statement, with no marks: the tree is then rebuilt from the rows.
+async fn load_rows(pool: &sqlx::MySqlPool, table: &str, count: usize) {
+    const ROWS_PER_STATEMENT: usize = 5000;
+    for start in (0..count).step_by(ROWS_PER_STATEMENT) {
+        let end = (start + ROWS_PER_STATEMENT).min(count);
+        let values = vec!["(?, 1, ?, 'binary', ?, 0, 0)"; end - start].join(", ");
+        let statement = format!(
+            "INSERT INTO {table} (id, version, content, content_type, content_hash, deleted, updated_at_ms) VALUES {values}"
+        );
+        let mut query = sqlx::query(&statement);
+        for n in start..end {
+            let content = format!("content {n}").into_bytes();
+            let hash = sync_engine::item::content_hash(&content);
+            query = query.bind(format!("bench.{n:08}").into_bytes()).bind(content).bind(hash.to_vec());
+        }
+        query.execute(pool).await.expect("rows inserted");
+    }
+}
+
+/// Issue 8's figure: the reads `diff` takes for 10 differences among 1,000,000 ids on MariaDB
+/// (`SYNC_MERKLE_DIFF_ROWS` to change the count), and the wall times of loading, building the
+/// trees and diffing, also over `GET /merkle/`. Not a timed test: run it by hand with
+/// `cargo test --test merkle -- --ignored --nocapture a_million_rows`; it drops its tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: loads two tables of 1,000,000 rows (minutes, ~1 GB of MariaDB disk)"]
+async fn diff_reads_for_ten_changes_among_a_million_rows_mysql() {
+    let rows: usize = std::env::var("SYNC_MERKLE_DIFF_ROWS").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000_000);
+    let (mine, theirs) = (Names::new("merkle_1m_a"), Names::new("merkle_1m_b"));
+    let url = mysql_url();
+    let local = Arc::new(SqlStore::connect(&url, &mine.table).await.expect("local L3"));
+    let other = Arc::new(SqlStore::connect(&url, &theirs.table).await.expect("other L3"));
+    let pool = sqlx::MySqlPool::connect(&url).await.expect("mysql");
+    let started = std::time::Instant::now();
+    tokio::join!(load_rows(&pool, &mine.table, rows), load_rows(&pool, &theirs.table, rows));
+    let loaded = started.elapsed();
+    pool.close().await;
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(local.merkle_rebuild(), other.merkle_rebuild());
+    assert_eq!(a.expect("local tree"), b.expect("other tree"), "the same rows, the same root");
+    let built = started.elapsed();
+    let changed = change_ten_by_hand(&url, &theirs.table, &other, rows).await;
+    let started = std::time::Instant::now();
+    let diff = local.merkle_diff(&other).await.expect("diff");
+    let diffed = started.elapsed();
+    assert_eq!(diff.ids, changed);
+    // Over the peer's endpoint: the same walk, with the node and leaf reads of a path merged.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = sync_engine::config::Secret::new("measurement-token-0123456789");
+    let source: Arc<dyn sync_engine::http_merkle::MerkleSource> = other.clone();
+    let addr = "127.0.0.1:0".parse().unwrap();
+    let port = sync_engine::http_merkle::serve(addr, &token, source, stop.child_token()).await.unwrap().port();
+    let mut peer = sync_engine::http_merkle::HttpSlots::new(&format!("http://127.0.0.1:{port}"), token).unwrap();
+    let started = std::time::Instant::now();
+    let over_http = local.merkle_diff_with(&mut peer).await.expect("diff over HTTP");
+    let http_diffed = started.elapsed();
+    stop.cancel();
+    assert_eq!(over_http.ids, changed);
+    eprintln!(
+        "{rows} rows a table: loaded both in {loaded:.1?}, both trees built in {built:.1?}; diff of {} hand changes: \
+         {} reads in {diffed:.2?} (SQL, both sides); over GET /merkle/: {} reads, {} HTTP requests, in {http_diffed:.2?}",
+        changed.len(),
+        diff.queries,
+        over_http.queries,
+        peer.requests
+    );
+    assert!(diff.queries <= read_bound(changed.len(), 3), "{} reads", diff.queries);
+    local.close().await;
+    other.close().await;
+    drop_tables(&url, &[&mine.table, &theirs.table]).await;
+}

@@ -1,5 +1,6 @@
-//! `sync-engine run`: the worker, configured by `SYNC_*` env vars. Serves the HTTP endpoint,
-//! starts the engine, runs the Kafka worker until SIGTERM, then drains within the grace.
+//! `sync-engine run`: the worker, configured by `SYNC_*` env vars. Serves the HTTP endpoint
+//! (and the merkle endpoint when `SYNC_MERKLE_ADDR` is set), starts the engine, runs the
+//! Kafka worker until SIGTERM, then drains within the grace.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use sync_engine::config::{Config, LogFormat, SyncEngineConfig, DEFAULT_LOG_FILTER};
 use sync_engine::engine::BackendState;
 use sync_engine::kafka::worker::{self, WorkerStats};
-use sync_engine::{http, metrics, reload, SyncEngine};
+use sync_engine::{http, http_merkle, metrics, reload, SyncEngine};
 
 /// Changes the log filter of a running process.
 pub type LogFilterReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -66,6 +67,13 @@ pub async fn run_worker() -> anyhow::Result<ExitCode> {
     let lag: http::ExtraMetrics = Arc::new(move || lag_source.lag.render(sync_engine::item::now_ms() as i64));
     let bound = http::serve(config.metrics_addr, handle, readiness.clone(), probe, lag, stop.child_token()).await?;
     tracing::info!(%bound, "metrics and health endpoint listening");
+    // Bound before the engine connects, so a taken port stops the start at once; it answers
+    // 503 until the engine (and its L3) is there. Off unless SYNC_MERKLE_ADDR is set.
+    if let Some(merkle) = &config.merkle_http {
+        let source: Arc<dyn http_merkle::MerkleSource> = started_engine.clone();
+        let bound = http_merkle::serve(merkle.addr, &merkle.token, source, stop.child_token()).await?;
+        tracing::info!(%bound, "merkle endpoint listening (bearer token required)");
+    }
     // The sender stays with the SIGHUP task: it is how live settings reach the engine.
     let (engine_config_tx, engine_config_rx) = watch::channel(config.engine.clone());
     let mut engine = SyncEngine::new(config.engine.clone(), engine_config_rx);

@@ -34,7 +34,7 @@ use crate::storage::{ArchiveStore, StoreError};
 pub const MERKLE_MIGRATION: i64 = 4;
 /// The slot every drain locks first (MySQL), and the "built" flag; outside every path's range.
 const LOCK_SLOT: &[u8] = &[0xFE];
-const BUILT_SLOT: &[u8] = &[0xFD];
+pub const BUILT_SLOT: &[u8] = &[0xFD];
 /// Mark rows one drain step takes at most (a row holds the ids of one batch, at most
 /// `MARKS_PER_ROW`).
 pub const DRAIN_STEP_ROWS: usize = 5;
@@ -531,6 +531,17 @@ impl SqlStore {
         let diff = MerkleDiff::between(&mut local, &mut remote).await.map_err(store_error)?;
         local.commit().await?;
         remote.commit().await?;
+        Ok(diff)
+    }
+
+    /// Makes this tree current and compares it top-down with another read through `other`
+    /// (a peer's `GET /merkle/` endpoint, `http_merkle::HttpSlots`), whose owner keeps it current.
+    pub async fn merkle_diff_with<S: SlotRead>(&self, other: &mut S) -> Result<MerkleDiff, StoreError> {
+        self.merkle_ensure_built().await?;
+        self.merkle_drain().await?;
+        let mut local = self.merkle_slots().await?;
+        let diff = MerkleDiff::between(&mut local, other).await.map_err(store_error)?;
+        local.commit().await?;
         Ok(diff)
     }
 
