@@ -54,12 +54,12 @@ const STRIPES: usize = 64;
 /// How long one ranking of `evict_large_and_cold` serves later calls. Ranking every entry on
 /// every relief tick (20 ms) cost a fifth of the worker's CPU under pressure; a ranking this
 /// old only misses entries written since, which are the hottest anyway.
-const RANKING_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(200);
+const RANKING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A ranking is also made again once the reads and writes since reach this share of the
-/// entries it ranked: entries written since are not in it, so an old ranking would spare
+/// entries L1 held when it was made: entries written since are not in it, so an old ranking would spare
 /// them and evict better ones in their place.
-const RERANK_AFTER_SHARE: u64 = 16;
+const RERANK_AFTER_SHARE: u64 = 8;
 
 /// A ranking, worst first from the end (`pop`). Weak references: an entry moka dropped
 /// meanwhile is not kept alive by it. An entry read or written since (its access tick is past
@@ -67,8 +67,8 @@ const RERANK_AFTER_SHARE: u64 = 16;
 struct Ranking {
     made_at: std::time::Instant,
     made_at_tick: u64,
-    /// How many entries it ranked.
-    ranked: u64,
+    /// How many entries L1 held when it was made (kept ones included: ranking walks them all).
+    held: u64,
     order: Vec<(Arc<String>, std::sync::Weak<Entry>)>,
 }
 
@@ -265,21 +265,20 @@ impl L1Cache {
         let mut ranked_now = false;
         let mut freed = 0u64;
         while freed < bytes_to_free {
-            // A ranking too old, or used up before this call freed enough, is made again
-            // (once per call: a fresh one that runs out has nothing more to give).
+            // A ranking too old is made again, once per call. One used up is not: under
+            // pressure from unsettled items L1 often cannot free what is asked, and re-ranking
+            // it on every relief tick would find the same kept ids again.
             let stale = ranking.as_ref().is_none_or(|ranking| {
                 let ticks_since = self.clock.load(Ordering::Relaxed) - ranking.made_at_tick;
-                ranking.made_at.elapsed() >= RANKING_MAX_AGE
-                    || ranking.order.is_empty()
-                    || ticks_since > ranking.ranked / RERANK_AFTER_SHARE
+                ranking.made_at.elapsed() >= RANKING_MAX_AGE || ticks_since > ranking.held / RERANK_AFTER_SHARE
             });
             if stale && !ranked_now {
                 let mut order: Vec<_> =
                     self.ranked(&cache, &keep).into_iter().map(|(_, id, entry)| (id, Arc::downgrade(&entry))).collect();
                 order.reverse();
                 let made_at_tick = self.clock.load(Ordering::Relaxed);
-                let ranked = order.len() as u64;
-                *ranking = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, ranked, order });
+                let held = cache.entry_count();
+                *ranking = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, held, order });
                 ranked_now = true;
             }
             let Ranking { order, made_at_tick, .. } = ranking.as_mut().expect("ranked above");
