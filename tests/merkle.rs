@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{mysql_url, Names};
+use common::{drop_tables, mysql_url, Names};
 use sync_engine::merkle::{hex, leaf_hash, reference_root, Hash};
 use sync_engine::storage::sql::SqlStore;
 use sync_engine::ArchiveStore;
@@ -188,16 +188,6 @@ async fn diff_finds_exactly_the_ids_changed_by_hand_among_100k_rows_mysql() {
     drop_tables(&url, &[&mine.table, &theirs.table]).await;
 }
 
-/// Drops this test's own tables (items, migrations ledger, merkle slots and marks).
-async fn drop_tables(url: &str, tables: &[&str]) {
-    let pool = sqlx::MySqlPool::connect(url).await.expect("mysql");
-    for table in tables {
-        for suffix in ["", "_migrations", "_merkle", "_merkle_dirty"] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {table}{suffix}")).execute(&pool).await.expect("drop");
-        }
-    }
-    pool.close().await;
-}
 
 /// A random-ish workload: ids at several depths (a path both an id and a parent), newer and
 /// older versions, tombstones.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{mysql_url, Names};
+use common::{drop_tables, mysql_url, Names};
 use sync_engine::config::Secret;
 use sync_engine::http_merkle::{self, HttpSlots, MerkleSource, UNAUTHORIZED_BODY};
 use sync_engine::merkle::hex;
@@ -87,15 +87,6 @@ async fn serve(store: Arc<SqlStore>, stop: &CancellationToken) -> u16 {
     http_merkle::serve(addr, &Secret::new(TOKEN), source, stop.child_token()).await.expect("listens").port()
 }
 
-async fn drop_tables(url: &str, tables: &[&str]) {
-    let pool = sqlx::MySqlPool::connect(url).await.expect("mysql");
-    for table in tables {
-        for suffix in ["", "_migrations", "_merkle", "_merkle_dirty"] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {table}{suffix}")).execute(&pool).await.expect("drop");
-        }
-    }
-    pool.close().await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_token_nothing_is_learnt_and_with_it_a_drill_down_finds_the_changed_id_mysql() {

@@ -31,6 +31,17 @@ pub fn mysql_url() -> String {
     std::env::var("SYNC_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
+/// Drops these tests' own tables (items, migrations ledger, merkle slots and marks).
+pub async fn drop_tables(url: &str, tables: &[&str]) {
+    let pool = sqlx::MySqlPool::connect(url).await.expect("mysql");
+    for table in tables {
+        for suffix in ["", "_migrations", "_merkle", "_merkle_dirty"] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {table}{suffix}")).execute(&pool).await.expect("drop");
+        }
+    }
+    pool.close().await;
+}
+
 pub fn redis_urls() -> Vec<String> {
     let urls = std::env::var("SYNC_TEST_REDIS_URLS")
         .unwrap_or_else(|_| "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into());
