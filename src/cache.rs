@@ -57,8 +57,8 @@ const STRIPES: usize = 64;
 const RANKING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A ranking is also made again once the reads and writes since reach this share of the
-/// entries L1 held when it was made: entries written since are not in it, so an old ranking would spare
-/// them and evict better ones in their place.
+/// entries L1 held when it was made: entries written since are not in it, so an old ranking
+/// would spare them and evict better ones in their place.
 const RERANK_AFTER_SHARE: u64 = 8;
 
 /// A ranking, worst first from the end (`pop`). Weak references: an entry moka dropped
