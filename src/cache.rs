@@ -72,6 +72,13 @@ struct Ranking {
     order: Vec<(Arc<String>, std::sync::Weak<Entry>)>,
 }
 
+impl Ranking {
+    /// Too old, or too many reads and writes since (`clock` is L1's tick now).
+    fn is_stale(&self, clock: u64) -> bool {
+        self.made_at.elapsed() >= RANKING_MAX_AGE || clock - self.made_at_tick > self.held / RERANK_AFTER_SHARE
+    }
+}
+
 #[derive(Clone)]
 pub struct L1Cache {
     /// Replaced whole by `resize`; every other call works on the current one.
@@ -261,27 +268,21 @@ impl L1Cache {
             return 0;
         }
         let cache = self.cache();
-        let mut ranking = self.ranking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut ranked_now = false;
+        let mut slot = self.ranking.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // A ranking too old is made again. One used up is not: under pressure from unsettled
+        // items L1 often cannot free what is asked, and re-ranking it on every relief tick
+        // would find the same kept ids again.
+        if slot.as_ref().is_none_or(|ranking| ranking.is_stale(self.clock.load(Ordering::Relaxed))) {
+            let mut order: Vec<_> =
+                self.ranked(&cache, &keep).into_iter().map(|(_, id, entry)| (id, Arc::downgrade(&entry))).collect();
+            order.reverse();
+            let made_at_tick = self.clock.load(Ordering::Relaxed);
+            let held = cache.entry_count();
+            *slot = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, held, order });
+        }
+        let Ranking { order, made_at_tick, .. } = slot.as_mut().expect("ranked above when absent");
         let mut freed = 0u64;
         while freed < bytes_to_free {
-            // A ranking too old is made again, once per call. One used up is not: under
-            // pressure from unsettled items L1 often cannot free what is asked, and re-ranking
-            // it on every relief tick would find the same kept ids again.
-            let stale = ranking.as_ref().is_none_or(|ranking| {
-                let ticks_since = self.clock.load(Ordering::Relaxed) - ranking.made_at_tick;
-                ranking.made_at.elapsed() >= RANKING_MAX_AGE || ticks_since > ranking.held / RERANK_AFTER_SHARE
-            });
-            if stale && !ranked_now {
-                let mut order: Vec<_> =
-                    self.ranked(&cache, &keep).into_iter().map(|(_, id, entry)| (id, Arc::downgrade(&entry))).collect();
-                order.reverse();
-                let made_at_tick = self.clock.load(Ordering::Relaxed);
-                let held = cache.entry_count();
-                *ranking = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, held, order });
-                ranked_now = true;
-            }
-            let Ranking { order, made_at_tick, .. } = ranking.as_mut().expect("ranked above");
             let Some((id, ranked_entry)) = order.pop() else { break };
             let Some(ranked_entry) = ranked_entry.upgrade() else { continue };
             if ranked_entry.last_access.load(Ordering::Relaxed) > *made_at_tick {
