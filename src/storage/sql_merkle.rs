@@ -114,6 +114,17 @@ pub fn held_leaf(id: &str, held: Option<&crate::storage::sql::HeldRow>) -> Optio
     held.map(|row| leaf_hash(id, row.version, row.deleted, &row.content_hash))
 }
 
+/// The mark rows of a batch write, each `MARKS_PER_ROW` ids with the leaf of what the
+/// transaction holds for them (`held`): the values to insert by `mark_sql`, after the upserts.
+pub fn batch_mark_rows<'a>(
+    items: &'a [&'a SyncItem],
+    held: &'a crate::storage::sql::HeldRows,
+) -> impl Iterator<Item = Vec<u8>> + 'a {
+    items.chunks(MARKS_PER_ROW).map(move |chunk| {
+        encode_marks(chunk.iter().map(|item| (item.id.as_str(), held_leaf(&item.id, held.get(&item.id)))))
+    })
+}
+
 /// `items` cut into lists of at most the largest shape, each padded up to a shape.
 fn padded<T: Clone>(items: &[T], shapes: &[usize]) -> Vec<Vec<T>> {
     let largest = shapes[shapes.len() - 1];

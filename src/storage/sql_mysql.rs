@@ -264,10 +264,7 @@ impl MySqlStore {
         // (sql_merkle.rs): one row per thousand ids, after every upsert took its row lock.
         if self.merkle_marks.load(Ordering::Relaxed) {
             let statement = sql_merkle::mark_sql(&self.table);
-            for chunk in items.chunks(sql_merkle::MARKS_PER_ROW) {
-                let marks = sql_merkle::encode_marks(
-                    chunk.iter().map(|item| (item.id.as_str(), sql_merkle::held_leaf(&item.id, held.get(&item.id)))),
-                );
+            for marks in sql_merkle::batch_mark_rows(items, &held) {
                 sqlx::query(&statement).bind(marks).execute(&mut *transaction).await.map_err(classify)?;
             }
         }
