@@ -371,6 +371,28 @@ mod tests {
         assert_eq!(cache.get("a").await.unwrap().version, 6);
     }
 
+    // Four threads write one id with climbing, interleaved versions. The guard must be atomic:
+    // after its own write, each writer must find its version or a newer one. Without the
+    // stripe lock a writer that read an older entry could overwrite a newer one.
+    #[test]
+    fn concurrent_writers_of_one_id_never_leave_an_older_version() {
+        let cache = L1Cache::new(1 << 20);
+        std::thread::scope(|scope| {
+            for writer in 0..4u64 {
+                let cache = cache.clone();
+                scope.spawn(move || {
+                    for round in 0..5_000u64 {
+                        let version = round * 4 + writer + 1;
+                        futures::executor::block_on(cache.put_if_newer(item("a", version, 0)));
+                        let held = futures::executor::block_on(cache.get("a")).expect("held").version;
+                        assert!(held >= version, "writer {writer} put {version}, L1 holds {held}");
+                    }
+                });
+            }
+        });
+        assert_eq!(futures::executor::block_on(cache.get("a")).unwrap().version, 20_000);
+    }
+
     fn sized(id: &str, bytes: usize) -> Arc<SyncItem> {
         Arc::new(SyncItem::new(id, vec![b'x'; bytes]).with_version(1))
     }
