@@ -71,8 +71,8 @@ pub mod workload;
 // What a library user needs, at the root (README "From the seed" maps the original names).
 pub use batch::{Batch, BatchConfig, FlushReason, HybridBatcher, SizedItem};
 pub use config::{Config, SyncEngineConfig};
-pub use filter::{FilterConfig, FilterManager, FilterStats, FilterTrust};
 pub use engine::{EngineError, EngineState, ItemStatus, SettleError, SettleReceipt, SyncEngine, Tier};
+pub use filter::{FilterConfig, FilterManager, FilterStats, FilterTrust};
 pub use item::{ContentType, Origin, SyncItem};
 pub use merkle::{MerkleBatch, MerkleDiff, MerkleNode, PathMerkle};
 pub use metrics::LatencyTimer;
@@ -81,8 +81,8 @@ pub use pressure::{BackpressureLevel, BackpressureThresholds};
 pub use resilience::circuit_breaker::{BackendCircuits, CircuitBreaker, CircuitConfig, CircuitError};
 pub use resilience::retry::RetryConfig;
 pub use resilience::wal::{WalStats, WriteAheadLog};
+pub use storage::memory::{MemoryArchiveStore, MemoryCacheStore};
 /// The seed's name for `StoreError`.
 pub use storage::StoreError as StorageError;
-pub use storage::memory::{MemoryArchiveStore, MemoryCacheStore};
 pub use storage::StoreError;
 pub use storage::{ArchiveStore, CacheStore};

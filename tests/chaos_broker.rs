@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::workload::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 4;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sync_engine::config::{Secret, SyncEngineConfig};
-use sync_engine::workload::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 4;

@@ -188,7 +188,6 @@ async fn diff_finds_exactly_the_ids_changed_by_hand_among_100k_rows_mysql() {
     drop_tables(&url, &[&mine.table, &theirs.table]).await;
 }
 
-
 /// A random-ish workload: ids at several depths (a path both an id and a parent), newer and
 /// older versions, tombstones.
 fn workload(round: u64, count: u64) -> Vec<SyncItem> {

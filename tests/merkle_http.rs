@@ -87,7 +87,6 @@ async fn serve(store: Arc<SqlStore>, stop: &CancellationToken) -> u16 {
     http_merkle::serve(addr, &Secret::new(TOKEN), source, stop.child_token()).await.expect("listens").port()
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_token_nothing_is_learnt_and_with_it_a_drill_down_finds_the_changed_id_mysql() {
     let (mine, theirs) = (Names::new("merkle_http_a"), Names::new("merkle_http_b"));

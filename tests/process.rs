@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sync_engine::workload::compare;
 use sync_engine::http::{BreakerPosition, Readiness, ReadyProbe, ReadyState, REQUEST_TIMEOUT};
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
 use tokio_util::sync::CancellationToken;
 

@@ -20,8 +20,8 @@ use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use sync_engine::workload::compare;
 use sync_engine::kafka::producer::{publish_all, ItemProducer};
+use sync_engine::workload::compare;
 use sync_engine::workload::Workload;
 
 const PARTITIONS: i32 = 8;

@@ -59,6 +59,26 @@ async fn archive_guards_versions(store: &dyn ArchiveStore) {
     store.write_batch(&[&item("p.1", 2, "replayed")], TIMEOUT).await.expect("write");
     assert_eq!(store.live("p.1").await.unwrap(), Some(false), "{}: a tombstone is not resurrected", store.kind());
     assert_eq!(store.live("p.absent").await.unwrap(), None, "{}", store.kind());
+
+    // One batch that inserts, updates and is refused: each id reports what it holds.
+    let (old, newer) = (at(item("m.old", 5, "five"), 0, 1), at(item("m.new", 1, "one"), 0, 2));
+    store.write_batch(&[&old, &newer], TIMEOUT).await.expect("write");
+    let refused = at(item("m.old", 4, "four"), 0, 3);
+    let applied = at(item("m.new", 2, "two"), 0, 4);
+    let inserted = at(item("m.fresh", 1, "fresh"), 0, 5);
+    let held = store.write_batch(&[&refused, &applied, &inserted], TIMEOUT).await.expect("write");
+    assert_eq!(held.len(), 3, "{}: one held row per id", store.kind());
+    assert!(held["m.old"].is(&old), "{}: the refused row reports the version it kept", store.kind());
+    assert!(held["m.new"].is(&applied), "{}: the updated row reports the new version", store.kind());
+    assert!(held["m.fresh"].is(&inserted), "{}: the inserted row reports itself", store.kind());
+
+    // An id twice in one batch, either order: it reports the newer, which is what it holds.
+    let (twice_2, twice_3) = (at(item("m.twice", 2, "two"), 0, 6), at(item("m.twice", 3, "three"), 0, 7));
+    let held = store.write_batch(&[&twice_2, &twice_3], TIMEOUT).await.expect("write");
+    assert!(held["m.twice"].is(&twice_3), "{}: older then newer reports the newer", store.kind());
+    let (twice_4, twice_5) = (at(item("m.twice", 4, "four"), 0, 8), at(item("m.twice", 5, "five"), 0, 9));
+    let held = store.write_batch(&[&twice_5, &twice_4], TIMEOUT).await.expect("write");
+    assert!(held["m.twice"].is(&twice_5), "{}: newer then older reports the newer", store.kind());
 }
 
 /// Multi-id reads, prefix and state selections with the dot boundary, keyset pages.
@@ -213,6 +233,16 @@ async fn sqlite_keeps_the_contract() {
 async fn mariadb_keeps_the_contract() {
     let names = Names::new("contract");
     let store = SqlStore::connect(&mysql_url(), &names.table).await.unwrap();
+    archive_contract(&store).await;
+    store.close().await;
+}
+
+/// The read-back MySQL needs (no `INSERT … RETURNING`), run on MariaDB.
+#[tokio::test]
+async fn mariadb_keeps_the_contract_reading_back_with_select() {
+    let names = Names::new("contract_select");
+    let store = SqlStore::connect(&mysql_url(), &names.table).await.unwrap();
+    store.read_back_with_select();
     archive_contract(&store).await;
     store.close().await;
 }

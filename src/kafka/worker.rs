@@ -259,7 +259,10 @@ impl Worker {
             limits: DecodeLimits { max_item_bytes: kafka.max_item_bytes },
             revoke_deadline: kafka.revoke_deadline,
             stats,
-            dlq_breaker: SharedBreaker::new("dlq", CircuitConfig { failure_threshold: 3, cool_down: DLQ_RETRY_WHEN_OPEN }),
+            dlq_breaker: SharedBreaker::new(
+                "dlq",
+                CircuitConfig { failure_threshold: 3, cool_down: DLQ_RETRY_WHEN_OPEN },
+            ),
             assignment: (0, Vec::new()),
         }
     }

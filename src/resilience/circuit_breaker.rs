@@ -164,7 +164,8 @@ mod tests {
     #[test]
     fn it_opens_after_the_threshold_and_probes_after_the_cool_down() {
         let start = Instant::now();
-        let mut breaker = CircuitBreaker::new(CircuitConfig { failure_threshold: 2, cool_down: Duration::from_secs(1) });
+        let mut breaker =
+            CircuitBreaker::new(CircuitConfig { failure_threshold: 2, cool_down: Duration::from_secs(1) });
         breaker.on_failure(start);
         assert!(breaker.allow(start));
         breaker.on_failure(start);
@@ -180,11 +181,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_through_an_open_breaker_is_not_made() {
-        let breaker = SharedBreaker::new("test", CircuitConfig { failure_threshold: 1, cool_down: Duration::from_secs(60) });
+        let breaker =
+            SharedBreaker::new("test", CircuitConfig { failure_threshold: 1, cool_down: Duration::from_secs(60) });
         let failed: Result<(), CircuitError<&str>> = breaker.call(async { Err("down") }).await;
         assert_eq!(failed, Err(CircuitError::Failed("down")));
         let mut made = false;
-        let skipped = breaker.call(async { made = true; Ok::<_, &str>(()) }).await;
+        let skipped = breaker
+            .call(async {
+                made = true;
+                Ok::<_, &str>(())
+            })
+            .await;
         assert_eq!(skipped, Err(CircuitError::Open("test")));
         assert!(!made, "an open breaker skips the call");
     }

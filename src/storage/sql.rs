@@ -152,6 +152,15 @@ impl SqlStore {
         };
         Ok(store)
     }
+
+    /// Makes MariaDB writes read their rows back with a separate `SELECT … FOR UPDATE`, as on
+    /// MySQL, instead of `INSERT … RETURNING`: for tests of that path. SQLite: no effect.
+    #[doc(hidden)]
+    pub fn read_back_with_select(&self) {
+        if let SqlStore::MySql(store) = self {
+            store.returning.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl ArchiveStore for SqlStore {
@@ -456,42 +465,43 @@ pub fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// One column, with sqlx's error sorted into ours.
-fn column<'r, R, T>(row: &'r R, name: &str) -> Result<T, StoreError>
+/// One column (by name or position), with sqlx's error sorted into ours.
+fn column<'r, R, I, T>(row: &'r R, index: I) -> Result<T, StoreError>
 where
     R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    I: sqlx::ColumnIndex<R>,
     T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    row.try_get(name).map_err(classify)
+    row.try_get(index).map_err(classify)
 }
 
-/// The origin of the row's last write (`origin_topic`, `_partition`, `_offset`), if any.
-fn origin_from_row<'r, R>(row: &'r R) -> Result<Option<Origin>, StoreError>
+/// The origin of the row's last write, if any, from the columns `origin_topic`,
+/// `origin_partition` and `origin_offset` at these indexes (names or positions).
+fn origin_from_row<'r, R, I>(row: &'r R, [topic, partition, offset]: [I; 3]) -> Result<Option<Origin>, StoreError>
 where
     R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    I: sqlx::ColumnIndex<R>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let topic: Option<String> = column(row, "origin_topic")?;
-    let partition: Option<i32> = column(row, "origin_partition")?;
-    let offset: Option<i64> = column(row, "origin_offset")?;
+    let topic: Option<String> = column(row, topic)?;
+    let partition: Option<i32> = column(row, partition)?;
+    let offset: Option<i64> = column(row, offset)?;
     Ok(match (topic, partition, offset) {
         (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic: topic.into(), partition, offset }),
         _ => None,
     })
 }
 
-/// The row's `state` (stored as bytes; they are ASCII, checked when written).
-fn state_from_row<'r, R>(row: &'r R) -> Result<Option<String>, StoreError>
+/// The row's `state` at this index (stored as bytes; they are ASCII, checked when written).
+fn state_from_row<'r, R, I>(row: &'r R, index: I) -> Result<Option<String>, StoreError>
 where
     R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    I: sqlx::ColumnIndex<R>,
     Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let state: Option<Vec<u8>> = column(row, "state")?;
+    let state: Option<Vec<u8>> = column(row, index)?;
     Ok(state.map(|state| String::from_utf8_lossy(&state).into_owned()))
 }
 
@@ -509,14 +519,14 @@ where
     let id: Vec<u8> = column(row, "id")?;
     let content: Option<Vec<u8>> = column(row, "content")?;
     let content_type: String = column(row, "content_type")?;
-    let origin = origin_from_row(row)?;
+    let origin = origin_from_row(row, ["origin_topic", "origin_partition", "origin_offset"])?;
     Ok(SyncItem {
         id: String::from_utf8_lossy(&id).into_owned(),
         version,
         content: content.map(Bytes::from),
         content_type: ContentType::parse(&content_type).unwrap_or(ContentType::Binary),
         origin,
-        state: state_from_row(row)?,
+        state: state_from_row(row, "state")?,
     })
 }
 
@@ -526,32 +536,37 @@ where
 pub fn held_rows_sql(table: &str, rows: usize, locking: bool) -> String {
     let ids = vec!["?"; rows].join(", ");
     let lock = if locking { " FOR UPDATE" } else { "" };
-    format!(
-        "SELECT id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset, state \
-         FROM {table} WHERE id IN ({ids}){lock}"
-    )
+    format!("SELECT {HELD_COLUMNS} FROM {table} WHERE id IN ({ids}){lock}")
 }
 
-/// A `HeldRow` from a `held_rows_sql` row; the version is decoded by the caller.
+/// The columns `held_row` reads, in the order it reads them.
+pub const HELD_COLUMNS: &str =
+    "id, version, content_hash, deleted, origin_topic, origin_partition, origin_offset, state";
+/// The position of `version` in `HELD_COLUMNS`.
+pub const HELD_VERSION: usize = 1;
+
+/// A `HeldRow` from a row of `HELD_COLUMNS`, read by position: the rows of MariaDB's
+/// `INSERT … RETURNING` reach sqlx without column names (the server's prepare reports no
+/// result columns for an insert). The version (position `HELD_VERSION`) is decoded by the
+/// caller.
 pub fn held_row<'r, R>(row: &'r R, version: u64) -> Result<(String, HeldRow), StoreError>
 where
     R: sqlx::Row,
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    usize: sqlx::ColumnIndex<R>,
     Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let id: Vec<u8> = column(row, "id")?;
-    let hash: Vec<u8> = column(row, "content_hash")?;
-    let origin = origin_from_row(row)?;
+    let id: Vec<u8> = column(row, 0)?;
+    let hash: Vec<u8> = column(row, 2)?;
     let held = HeldRow {
         version,
-        origin,
+        origin: origin_from_row(row, [4, 5, 6])?,
         content_hash: hash.try_into().map_err(|_| StoreError::Rejected("bad hash length".into()))?,
-        deleted: column(row, "deleted")?,
-        state: state_from_row(row)?,
+        deleted: column(row, 3)?,
+        state: state_from_row(row, 7)?,
     };
     Ok((String::from_utf8_lossy(&id).into_owned(), held))
 }

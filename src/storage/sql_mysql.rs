@@ -20,6 +20,10 @@ pub struct MySqlStore {
     pub(super) read_statements: AtomicU64,
     /// Whether `write_batch` marks ids for the merkle tree (`sql_merkle.rs`).
     pub(super) merkle_marks: AtomicBool,
+    /// Whether the upsert reports the rows it holds itself (`INSERT … RETURNING`, MariaDB 10.5
+    /// and later), which spares a second lookup of every row; otherwise a `SELECT … FOR
+    /// UPDATE` reads them back. Read from the server's version at connect.
+    pub(super) returning: AtomicBool,
 }
 
 /// Room in a one-row statement for everything but the content (SQL text, id, hash, origin).
@@ -73,12 +77,14 @@ impl MySqlStore {
             .map_err(classify)?;
         let max_allowed_packet: u64 =
             sqlx::query_scalar("SELECT @@max_allowed_packet").fetch_one(&pool).await.map_err(classify)?;
+        let server_version: String = sqlx::query_scalar("SELECT VERSION()").fetch_one(&pool).await.map_err(classify)?;
         let store = MySqlStore {
             pool,
             table: table.to_owned(),
             max_allowed_packet,
             read_statements: AtomicU64::new(0),
             merkle_marks: AtomicBool::new(false),
+            returning: AtomicBool::new(runs_insert_returning(&server_version)),
         };
         store.migrate().await?;
         Ok(store)
@@ -215,8 +221,13 @@ impl MySqlStore {
     fn upsert_sql(&self, rows: usize) -> String {
         let assignments: Vec<String> =
             ASSIGNED.iter().map(|column| format!("{column} = IF({GUARD}, VALUES({column}), {column})")).collect();
+        let returning = if self.returning.load(Ordering::Relaxed) {
+            format!(" RETURNING {}", sql::HELD_COLUMNS)
+        } else {
+            String::new()
+        };
         format!(
-            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE {}{returning}",
             self.table,
             placeholders(rows, COLUMN_COUNT),
             assignments.join(", ")
@@ -248,15 +259,23 @@ impl MySqlStore {
                     .bind(origin.map(|o| o.offset))
                     .bind(item.state.as_deref().map(str::as_bytes));
             }
-            query.execute(&mut *transaction).await.map_err(classify)?;
-            // Read back under the row locks the upsert holds: what this transaction commits.
-            let select = sql::held_rows_sql(&self.table, chunk.len(), true);
-            let mut query = sqlx::query(&select);
-            for item in chunk {
-                query = query.bind(item.id.as_bytes());
-            }
-            for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
-                let (id, row) = sql::held_row(&row, row.try_get::<u64, _>("version").map_err(classify)?)?;
+            let rows = if self.returning.load(Ordering::Relaxed) {
+                // Each row as the upsert left it, under the lock it took: what this
+                // transaction commits. MariaDB returns them in input order, so with an id
+                // twice in a chunk the later row (the final state) is inserted last.
+                query.fetch_all(&mut *transaction).await.map_err(classify)?
+            } else {
+                query.execute(&mut *transaction).await.map_err(classify)?;
+                // Read back under the row locks the upsert holds: what this transaction commits.
+                let select = sql::held_rows_sql(&self.table, chunk.len(), true);
+                let mut query = sqlx::query(&select);
+                for item in chunk {
+                    query = query.bind(item.id.as_bytes());
+                }
+                query.fetch_all(&mut *transaction).await.map_err(classify)?
+            };
+            for row in rows {
+                let (id, row) = sql::held_row(&row, row.try_get::<u64, _>(sql::HELD_VERSION).map_err(classify)?)?;
                 held.insert(id, row);
             }
         }
@@ -399,5 +418,35 @@ impl MySqlStore {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// True for MariaDB 10.5 and later (`SELECT VERSION()` reads like `10.11.19-MariaDB-deb12`),
+/// whose `INSERT … ON DUPLICATE KEY UPDATE … RETURNING` reports each row as the statement
+/// left it. MySQL has no `RETURNING`.
+fn runs_insert_returning(server_version: &str) -> bool {
+    if !server_version.contains("MariaDB") {
+        return false;
+    }
+    // Some proxies prefix MariaDB's version with the "5.5.5-" its handshake once needed.
+    let server_version = server_version.strip_prefix("5.5.5-").unwrap_or(server_version);
+    let mut numbers = server_version.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (10, 5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_insert_returning;
+
+    #[test]
+    fn insert_returning_is_used_on_mariadb_10_5_and_later_only() {
+        assert!(runs_insert_returning("10.11.19-MariaDB-deb12"));
+        assert!(runs_insert_returning("10.5.0-MariaDB"));
+        assert!(runs_insert_returning("11.4.2-MariaDB-ubu2404"));
+        assert!(!runs_insert_returning("10.4.34-MariaDB"));
+        assert!(!runs_insert_returning("8.0.36"));
+        assert!(runs_insert_returning("5.5.5-10.11.6-MariaDB"));
+        assert!(!runs_insert_returning(""));
     }
 }

@@ -216,7 +216,8 @@ impl SqliteStore {
                 query = query.bind(item.id.as_bytes());
             }
             for row in query.fetch_all(&mut *transaction).await.map_err(classify)? {
-                let (id, row) = sql::held_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)?;
+                let (id, row) =
+                    sql::held_row(&row, row.try_get::<i64, _>(sql::HELD_VERSION).map_err(classify)? as u64)?;
                 held.insert(id, row);
             }
         }
