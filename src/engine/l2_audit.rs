@@ -164,22 +164,41 @@ pub async fn audit_pass(
     Ok(report)
 }
 
-/// Each id's verdict, with L3's row when it has one: one L2 pipeline, one L3 query.
-async fn judged(
-    l2: &dyn CacheStore,
-    l3: &dyn ArchiveStore,
-    ids: &[&str],
-) -> Result<Vec<(String, Verdict, Option<Stored>)>, StoreError> {
-    let cached = l2.get_many(ids).await;
+/// One id's verdict, with what each tier held when it was judged.
+struct Judged {
+    id: String,
+    verdict: Verdict,
+    /// L3's row, when it has one.
+    row: Option<Stored>,
+    /// The L2 entry, when it has one.
+    entry: Option<Stored>,
+}
+
+/// Each id's verdict: one L2 pipeline, one L3 query.
+async fn judged(l2: &dyn CacheStore, l3: &dyn ArchiveStore, ids: &[&str]) -> Result<Vec<Judged>, StoreError> {
+    let mut cached = l2.get_many(ids).await;
     let mut rows: HashMap<String, Stored> =
         l3.get_many(ids).await?.into_iter().map(|stored| (stored.item.id.clone(), stored)).collect();
     Ok(ids
         .iter()
         .map(|id| {
-            let row = rows.remove(*id);
-            ((*id).to_owned(), judge(cached.get(*id), row.as_ref()), row)
+            let (row, entry) = (rows.remove(*id), cached.remove(*id));
+            Judged { id: (*id).to_owned(), verdict: judge(entry.as_ref(), row.as_ref()), row, entry }
         })
         .collect())
+}
+
+/// The verdict on a suspect looked at again: stale only if the entry is still behind the row
+/// L3 held at the first look, the row it has had the whole wait to catch up with. An entry
+/// that caught up with that row while L3 moved on again is a write in flight once more (an id
+/// updated steadily), not drift: it counts as agreeing, and the next pass looks at it afresh.
+fn rechecked(again: &Judged, first_row: Option<&Stored>) -> Verdict {
+    let caught_up = || matches!(judge(again.entry.as_ref(), first_row), Verdict::Agreeing | Verdict::AheadOfL3);
+    if again.verdict == Verdict::Stale && first_row.is_some() && caught_up() {
+        Verdict::Agreeing
+    } else {
+        again.verdict
+    }
 }
 
 async fn audit_page(
@@ -193,22 +212,25 @@ async fn audit_page(
     let (mut verdicts, suspects): (Vec<_>, Vec<_>) = judged(l2, l3, &refs)
         .await?
         .into_iter()
-        .partition(|(_, verdict, _)| !matches!(verdict, Verdict::Stale | Verdict::Unreadable));
+        .partition(|judged| !matches!(judged.verdict, Verdict::Stale | Verdict::Unreadable));
     // A stale or missing entry may be a write in flight (L3 committed, L2 not yet written, or
     // an entry dropped behind L3 since the scan): look again once such a write is over.
     if !suspects.is_empty() {
         tokio::time::sleep(RECHECK_AFTER).await;
-        let suspect_ids: Vec<&str> = suspects.iter().map(|(id, _, _)| id.as_str()).collect();
-        for (id, verdict, row) in judged(l2, l3, &suspect_ids).await? {
-            let gone = verdict == Verdict::Unreadable && !l2.exists(&id).await.unwrap_or(true);
+        let suspect_ids: Vec<&str> = suspects.iter().map(|judged| judged.id.as_str()).collect();
+        let first_rows: HashMap<&str, Option<&Stored>> =
+            suspects.iter().map(|judged| (judged.id.as_str(), judged.row.as_ref())).collect();
+        for mut again in judged(l2, l3, &suspect_ids).await? {
+            let gone = again.verdict == Verdict::Unreadable && !l2.exists(&again.id).await.unwrap_or(true);
             if !gone {
-                verdicts.push((id, verdict, row));
+                again.verdict = rechecked(&again, first_rows.get(again.id.as_str()).copied().flatten());
+                verdicts.push(again);
             }
         }
     }
     let mut to_drop = Vec::new();
     let mut to_write = Vec::new();
-    for (id, verdict, row) in verdicts {
+    for Judged { id, verdict, row, .. } in verdicts {
         report.scanned += 1;
         match verdict {
             Verdict::Agreeing => report.agreeing += 1,
