@@ -9,6 +9,7 @@
 //! The mock broker keeps at most 5 MiB per partition (hard-coded in librdkafka) and silently
 //! drops older records, so the producer stays at most `MAX_LEAD` records ahead of the worker.
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use sync_engine::kafka::producer::{publish_all, ItemProducer};
 use sync_engine::kafka::worker::{self, WorkerStats};
 use sync_engine::storage::RowSummary;
 use sync_engine::workload::{compare, Workload, WorkloadSpec};
-use sync_engine::{CacheStore, MemoryCacheStore, SyncEngine};
+use sync_engine::{ArchiveStore, CacheStore, MemoryCacheStore, SyncEngine, SyncItem};
 
 use super::progress_bar;
 
@@ -137,9 +138,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
         Some(future) => future.await?,
         None => Vec::new(),
     };
-    engine.shutdown_within(Duration::from_secs(10)).await;
     let mut mismatches = compare(&workload, &rows);
-    let l2_checked = l2_agrees_with_l3(&l2, &rows, &mut mismatches).await;
+    let l2_checked = match engine.l3() {
+        Some(l3) => l2_agrees_with_l3(&l2, l3, &rows, &mut mismatches).await?,
+        None => 0,
+    };
+    engine.shutdown_within(Duration::from_secs(10)).await;
     // Producers first: a client outliving the mock broker logs "all brokers down".
     drop(producer);
     drop(cluster);
@@ -155,19 +159,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     })
 }
 
-/// Invariant 6: an id L2 holds has exactly L3's version and content. Returns how many L2
-/// entries were compared; a disagreement is added to `mismatches`.
-async fn l2_agrees_with_l3(l2: &MemoryCacheStore, rows: &[RowSummary], mismatches: &mut Vec<String>) -> usize {
+/// Invariant 6: an id L2 holds has exactly L3's row (version, origin, content, tombstone).
+/// Returns how many L2 entries were compared; a disagreement is added to `mismatches`.
+async fn l2_agrees_with_l3(
+    l2: &MemoryCacheStore,
+    l3: &dyn ArchiveStore,
+    rows: &[RowSummary],
+    mismatches: &mut Vec<String>,
+) -> anyhow::Result<usize> {
     let mut checked = 0;
-    for row in rows {
-        let Ok(Some(stored)) = l2.get_stored(&row.id).await else { continue };
-        checked += 1;
-        let (version, hash) = (stored.item.version, stored.item.content_hash());
-        if version != row.version || hash != row.content_hash || stored.item.is_tombstone() != row.deleted {
-            mismatches.push(format!("{}: L2 holds version {version} where L3 holds {}", row.id, row.version));
+    for page in rows.chunks(sync_engine::storage::sql::READ_CHUNK_IDS) {
+        let ids: Vec<&str> = page.iter().map(|row| row.id.as_str()).collect();
+        let held: HashMap<String, SyncItem> =
+            l3.get_many(&ids).await?.into_iter().map(|stored| (stored.item.id.clone(), stored.item)).collect();
+        for id in ids {
+            let (Ok(Some(cached)), Some(row)) = (l2.get_stored(id).await, held.get(id)) else { continue };
+            checked += 1;
+            let cached = &cached.item;
+            let same = cached.version == row.version
+                && cached.origin == row.origin
+                && cached.content_hash() == row.content_hash()
+                && cached.is_tombstone() == row.is_tombstone();
+            if !same {
+                mismatches.push(format!(
+                    "{id}: L2 holds version {} from {:?} where L3 holds version {} from {:?}",
+                    cached.version, cached.origin, row.version, row.origin
+                ));
+            }
         }
     }
-    checked
+    Ok(checked)
 }
 
 /// Runs the demo and prints its summary; fails unless every id holds its newest version.
