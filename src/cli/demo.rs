@@ -15,7 +15,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::ClientConfig;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -59,8 +60,25 @@ pub struct DemoSummary {
     pub items_per_sec: f64,
 }
 
+/// The embedded Kafka: librdkafka's mock cluster, hosted by a client that does nothing else.
+/// Its group coordinator waits `group.initial.rebalance.delay.ms` before the first assignment
+/// of a new group (3 s, as Apache Kafka's default); with one worker there is nobody to wait
+/// for, so the demo sets it to 0, as Kafka's docs advise for development and tests.
+fn embedded_broker() -> anyhow::Result<BaseProducer> {
+    let host: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create()?;
+    // SAFETY: the mock cluster belongs to `host`, alive for the whole call; the setter takes
+    // the cluster pointer (checked non-null) and an integer.
+    unsafe {
+        let cluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(host.client().native_ptr());
+        anyhow::ensure!(!cluster.is_null(), "librdkafka created no mock cluster");
+        rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
+    }
+    Ok(host)
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
-    let cluster = MockCluster::new(1)?;
+    let host = embedded_broker()?;
+    let cluster = host.client().mock_cluster().ok_or_else(|| anyhow::anyhow!("no embedded Kafka broker"))?;
     cluster.create_topic(TOPIC, PARTITIONS, 1)?;
     cluster.create_topic(DLQ_TOPIC, 1, 1)?;
     let brokers = cluster.bootstrap_servers();
@@ -147,6 +165,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     // Producers first: a client outliving the mock broker logs "all brokers down".
     drop(producer);
     drop(cluster);
+    drop(host);
     Ok(DemoSummary {
         produced,
         stored: stats.stored.load(Ordering::Relaxed),
