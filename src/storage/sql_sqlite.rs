@@ -58,6 +58,9 @@ pub fn refuses(item: &SyncItem) -> Option<String> {
         .then(|| format!("version {} exceeds sqlite's signed 64-bit range", item.version))
 }
 
+/// WAL pages between automatic checkpoints (see `connect`).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+
 impl SqliteStore {
     pub async fn connect(url: &str, table: &str) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
@@ -66,6 +69,11 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .disable_statement_logging();
+        // Checkpoint the WAL every 10,000 pages (~40 MiB) rather than SQLite's 1,000: with
+        // batches of random ids nearly every commit passed 1,000 pages, so each one paid a
+        // checkpoint, and a page changed by several batches was copied back several times.
+        // The embedded demo: 14,400 -> 16,200 items/s (3 runs each).
+        let options = options.pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(sql::CONNECT_TIMEOUT)
