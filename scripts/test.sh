@@ -11,6 +11,10 @@ command -v cargo >/dev/null || { echo "test: cargo not found; install Rust with 
 # The services script prints `export SYNC_TEST_...` lines for the tests to find them.
 eval "$(scripts/services.sh)"
 
+# The WAL directories of the tests' workers, all in one place, removed at the end if every step passed.
+SYNC_TEST_WAL_ROOT=$(mktemp -d -t sync-engine-test-wal.XXXXXX)
+export SYNC_TEST_WAL_ROOT
+
 echo "test: building" >&2
 cargo build --tests --bins --locked 2>&1 | tail -n 3
 
@@ -29,3 +33,5 @@ SYNC_QUICKSTART_REDIS_URL="${SYNC_TEST_REDIS_URLS%%,*}" SYNC_QUICKSTART_SQL_URL=
 rm -rf "$quickstart_dir"
 
 SYNC_ENGINE_BIN=target/debug/sync-engine scripts/check-deploy.sh
+
+rm -rf "$SYNC_TEST_WAL_ROOT"

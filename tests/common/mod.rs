@@ -63,9 +63,12 @@ pub struct Names {
 }
 
 impl Names {
-    /// The WAL directory of this test's worker processes (kept across their restarts).
+    /// The WAL directory of this test's worker processes (kept across their restarts), under
+    /// `SYNC_TEST_WAL_ROOT` when set: `scripts/test.sh` points it at one directory per run and
+    /// removes that when the run passes (a failed run's WALs stay, to be looked at).
     pub fn wal_dir(&self) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("sync-engine-wal-{}", self.group))
+        let root = std::env::var_os("SYNC_TEST_WAL_ROOT").map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+        root.join(format!("sync-engine-wal-{}", self.group))
     }
 
     pub fn new(test: &str) -> Names {
