@@ -218,16 +218,13 @@ impl MySqlStore {
         Ok(())
     }
 
-    fn upsert_sql(&self, rows: usize) -> String {
+    /// The guarded upsert of `rows` rows; with `returning`, it reports the rows it leaves.
+    fn upsert_sql(&self, rows: usize, returning: bool) -> String {
         let assignments: Vec<String> =
             ASSIGNED.iter().map(|column| format!("{column} = IF({GUARD}, VALUES({column}), {column})")).collect();
-        let returning = if self.returning.load(Ordering::Relaxed) {
-            format!(" RETURNING {}", sql::HELD_COLUMNS)
-        } else {
-            String::new()
-        };
+        let returning_clause = if returning { format!(" RETURNING {}", sql::HELD_COLUMNS) } else { String::new() };
         format!(
-            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE {}{returning}",
+            "INSERT INTO {} ({COLUMNS}) VALUES {} ON DUPLICATE KEY UPDATE {}{returning_clause}",
             self.table,
             placeholders(rows, COLUMN_COUNT),
             assignments.join(", ")
@@ -241,8 +238,10 @@ impl MySqlStore {
         let updated_at_ms = now_ms();
         let mut transaction = self.pool.begin().await.map_err(classify)?;
         let mut held = HeldRows::with_capacity(items.len());
+        // Read once: the statement and how its rows are read back must agree.
+        let returning = self.returning.load(Ordering::Relaxed);
         for chunk in chunks(items, self.chunk_max_bytes()) {
-            let statement = self.upsert_sql(chunk.len());
+            let statement = self.upsert_sql(chunk.len(), returning);
             let mut query = sqlx::query(&statement);
             for item in chunk {
                 let origin = item.origin.as_ref();
@@ -259,7 +258,7 @@ impl MySqlStore {
                     .bind(origin.map(|o| o.offset))
                     .bind(item.state.as_deref().map(str::as_bytes));
             }
-            let rows = if self.returning.load(Ordering::Relaxed) {
+            let rows = if returning {
                 // Each row as the upsert left it, under the lock it took: what this
                 // transaction commits. MariaDB returns them in input order, so with an id
                 // twice in a chunk the later row (the final state) is inserted last.
