@@ -2,7 +2,7 @@
 //!
 //! A deliberately tiny HTTP/1.0 responder: GET only (405 otherwise), request head capped at
 //! 8 KiB and due within `REQUEST_TIMEOUT` (408 and closed otherwise); it serves three fixed
-//! paths and pulls in no web framework. The merkle endpoint (`merkle::http`) reuses its
+//! paths and pulls in no web framework. The merkle endpoint (`crate::http_merkle`) reuses its
 //! listener loop, head reading and response writing.
 
 use std::net::SocketAddr;
