@@ -273,10 +273,12 @@ impl L1Cache {
         // items L1 often cannot free what is asked, and re-ranking it on every relief tick
         // would find the same kept ids again.
         if slot.as_ref().is_none_or(|ranking| ranking.is_stale(self.clock.load(Ordering::Relaxed))) {
+            // The tick before ranking: an entry touched while the ranking is made may have been
+            // ranked on its older access, so it counts as touched since.
+            let made_at_tick = self.clock.load(Ordering::Relaxed);
             let mut order: Vec<_> =
                 self.ranked(&cache, &keep).into_iter().map(|(_, id, entry)| (id, Arc::downgrade(&entry))).collect();
             order.reverse();
-            let made_at_tick = self.clock.load(Ordering::Relaxed);
             let held = cache.entry_count();
             *slot = Some(Ranking { made_at: std::time::Instant::now(), made_at_tick, held, order });
         }
