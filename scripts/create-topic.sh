@@ -7,14 +7,8 @@ set -euo pipefail
 
 [[ $# -eq 2 && $2 =~ ^[0-9]+$ ]] || { echo "usage: $0 NAME PARTITIONS" >&2; exit 2; }
 name=$1 partitions=$2
-broker=${SYNC_TEST_KAFKA_BROKERS:-127.0.0.1:9092}
-broker=${broker%%,*}
-
-tansu="${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}/tansu/tansu"
-[[ -x $tansu ]] || tansu=$(command -v tansu) || {
-    echo "create-topic: no tansu binary; run scripts/services.sh first" >&2
-    exit 1
-}
+# shellcheck source=scripts/tansu-env.sh
+source "$(dirname "$0")/tansu-env.sh"
 
 if out=$("$tansu" topic create "$name" --partitions "$partitions" --broker "tcp://$broker" 2>&1); then
     echo "create-topic: created $name ($partitions partitions)" >&2

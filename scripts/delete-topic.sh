@@ -5,14 +5,8 @@
 set -euo pipefail
 
 [[ $# -ge 1 ]] || { echo "usage: $0 NAME..." >&2; exit 2; }
-broker=${SYNC_TEST_KAFKA_BROKERS:-127.0.0.1:9092}
-broker=${broker%%,*}
-
-tansu="${SYNC_SERVICES_DIR:-/tmp/sync-engine-services}/tansu/tansu"
-[[ -x $tansu ]] || tansu=$(command -v tansu) || {
-    echo "delete-topic: no tansu binary; run scripts/services.sh first" >&2
-    exit 1
-}
+# shellcheck source=scripts/tansu-env.sh
+source "$(dirname "$0")/tansu-env.sh"
 
 for name in "$@"; do
     if out=$("$tansu" topic delete "$name" --broker "tcp://$broker" 2>&1); then
