@@ -56,21 +56,38 @@ async fn a_worker_paused_at_a_revoke_resumes_the_partitions_it_gets_back() {
     // first worker's items; they settle once the table is unlocked.
     tokio::time::sleep(Duration::from_secs(8)).await;
     locker.execute("UNLOCK TABLES").await.unwrap();
+    let unlocked = std::time::Instant::now();
+    let mut seen = String::new();
     let split = eventually(Duration::from_secs(40), || {
         let (a, b) = (
             first.stats.assigned_partitions.load(Ordering::Relaxed),
             second.stats.assigned_partitions.load(Ordering::Relaxed),
         );
+        seen = format!("first {}, second {}", worker_state(&first), worker_state(&second));
         a > 0 && b > 0 && a + b == PARTITIONS as u64
     })
     .await;
-    assert!(split, "the partitions must be split between the two workers");
+    eprintln!("{:.1} s after the unlock: {seen}", unlocked.elapsed().as_secs_f64());
+    assert!(split, "the partitions must be split between the two workers; last seen: {seen}");
     assert!(first.stats.revokes.load(Ordering::Relaxed) > 0, "the first worker went through a revoke");
 
     let committed = wait_for_commits(&names, PARTITIONS, &ends, Duration::from_secs(60)).await;
     first.stop().await;
     second.stop().await;
     assert_eq!(committed, ends.0, "every partition, paused before the rebalance or not, reaches its end");
+}
+
+/// What a failed wait reports about a worker.
+fn worker_state(worker: &InProcessWorker) -> String {
+    let s = &worker.stats;
+    format!(
+        "(assigned {}, revokes {}, pauses {}, consumed {}, stored {})",
+        s.assigned_partitions.load(Ordering::Relaxed),
+        s.revokes.load(Ordering::Relaxed),
+        s.pauses.load(Ordering::Relaxed),
+        s.consumed.load(Ordering::Relaxed),
+        s.stored.load(Ordering::Relaxed)
+    )
 }
 
 // Shutdown under load: the consumer thread is still handing over a large backlog when the

@@ -1,6 +1,6 @@
 //! Helpers shared by the integration tests: every test gets its own topic, consumer group,
 //! L3 table and L2 key prefix, against the real services that `scripts/services.sh` starts
-//! (MariaDB, a Redis Cluster, a Tansu broker). Addresses come from `SYNC_TEST_*` variables.
+//! (MariaDB, a Redis Cluster, Apache Kafka). Addresses come from `SYNC_TEST_*` variables.
 
 #![allow(dead_code)]
 
@@ -186,6 +186,7 @@ impl InProcessWorker {
     }
 
     pub async fn start_with(config: SyncEngineConfig, kafka: KafkaConfig) -> InProcessWorker {
+        log_to_test_output();
         let mut engine = SyncEngine::new(config.clone(), watch::channel(config).1);
         engine.start().await.expect("engine starts");
         let engine = Arc::new(engine);
@@ -201,6 +202,16 @@ impl InProcessWorker {
         self.task.await.expect("worker task").expect("worker drained cleanly");
         self.engine.shutdown_within(Duration::from_secs(10)).await;
     }
+}
+
+/// The in-process workers' logs (this crate's, `info` and up, or `SYNC_TEST_LOG` as an
+/// env filter) go to the test's captured output, which the harness prints when a test fails:
+/// a failure in CI then shows what the workers did. librdkafka's own threads are not the
+/// test's, so its target stays out.
+fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SYNC_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sync_engine=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// A client of the test's group that never subscribes, so it never joins the group.
