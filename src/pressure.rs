@@ -230,6 +230,15 @@ impl Pressure {
         let headroom = self.budget_bytes.saturating_sub(self.high_bytes);
         (headroom / partitions_hint.max(1) / 1024).max(64)
     }
+
+    /// librdkafka's `fetch.max.bytes`: a quarter of the headroom above the high watermark,
+    /// between 1 MiB and 50 MiB. librdkafka keeps a fetch response's whole buffer until the
+    /// last of its messages is polled, and fetches the next one while the current one drains,
+    /// so two responses are held at once: with half the headroom per response, a 1,000,000
+    /// item run held 67 MB of them (heaptrack) beside a 128 MiB budget, outside its count.
+    pub fn fetch_max_bytes(&self) -> u64 {
+        (self.budget_bytes.saturating_sub(self.high_bytes) / 4).clamp(1 << 20, 50 << 20)
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +299,15 @@ mod tests {
         let pressure = Pressure::from_budget(64 << 20);
         assert_eq!(pressure.prefetch_kbytes_per_partition(16), (16 << 20) / 16 / 1024);
         assert_eq!(Pressure::from_budget(1 << 20).prefetch_kbytes_per_partition(16), 64);
+    }
+
+    #[test]
+    fn two_fetch_responses_fit_in_half_the_headroom() {
+        let pressure = Pressure::from_budget(128 << 20);
+        let quarter = (8 << 20)..(8 << 20) + 1024; // 75 % of the budget is rounded down to whole percents
+        assert!(quarter.contains(&pressure.fetch_max_bytes()), "a quarter of the 32 MiB headroom");
+        assert_eq!(Pressure::from_budget(2 << 20).fetch_max_bytes(), 1 << 20, "never below 1 MiB");
+        assert_eq!(Pressure::from_budget(16 << 30).fetch_max_bytes(), 50 << 20, "never above 50 MiB");
     }
 
     proptest! {

@@ -184,3 +184,20 @@ proptest! {
         let _ = decode(&input, LIMITS);
     }
 }
+
+#[test]
+fn a_record_in_flight_counts_its_header_list_and_allocations_not_only_its_payloads() {
+    let value = vec![b'x'; 1024];
+    let bare = record(Some(b"a.b"), Some(&value), &[]);
+    let headers: [(&str, &[u8]); 3] = [(HEADER_VERSION, b"7"), (HEADER_OP, b"upsert"), (HEADER_CONTENT_TYPE, b"json")];
+    let with_headers = record(Some(b"a.b"), Some(&value), &headers);
+    assert!(bare.size_bytes() >= std::mem::size_of::<RawRecord>() + 3 + 1024, "the record itself and its payloads");
+    let payloads: usize = headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+    let per_header = std::mem::size_of::<(String, Option<Bytes>)>();
+    assert!(
+        with_headers.size_bytes() >= bare.size_bytes() + payloads + 3 * per_header,
+        "each header adds its bytes and its slot in the list: {} vs {}",
+        with_headers.size_bytes(),
+        bare.size_bytes()
+    );
+}

@@ -13,7 +13,7 @@ pub const PREFETCH_PARTITIONS_HINT: u64 = 16;
 pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     let pressure = Pressure::from_budget(kafka.memory_budget_bytes);
     let prefetch_kbytes = pressure.prefetch_kbytes_per_partition(PREFETCH_PARTITIONS_HINT);
-    let fetch_max_bytes = (kafka.memory_budget_bytes - pressure.high_bytes).clamp(1 << 20, 50 << 20);
+    let fetch_max_bytes = pressure.fetch_max_bytes();
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
