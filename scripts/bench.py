@@ -92,7 +92,11 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
     producer = None
     try:
         if produce_live:
-            while not metrics(port):
+            # Steady state: from the moment the worker owns its partitions (the group join
+            # before it is startup, not settle latency).
+            while counter(metrics(port), "sync_assigned_partitions") < PARTITIONS:
+                if worker.poll() is not None:
+                    raise SystemExit(f"the worker exited ({worker.returncode}) before its partitions were assigned")
                 time.sleep(0.1)
             producer = subprocess.Popen(produce_live, stdout=subprocess.DEVNULL)
         first_consumed = None

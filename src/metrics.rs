@@ -18,6 +18,7 @@ pub const ITEM_SETTLE_SECONDS: &str = "sync_item_settle_seconds";
 pub const CONSUMER_LAG: &str = "sync_consumer_lag_records";
 pub const CONSUMER_LAG_SECONDS: &str = "sync_consumer_lag_seconds";
 pub const PAUSED_PARTITIONS: &str = "sync_paused_partitions";
+pub const ASSIGNED_PARTITIONS: &str = "sync_assigned_partitions";
 pub const BYTES_IN_FLIGHT: &str = "sync_bytes_in_flight_bytes";
 pub const MEMORY_BUDGET: &str = "sync_memory_budget_bytes";
 pub const BACKPRESSURE_LEVEL: &str = "sync_backpressure_level";
@@ -97,6 +98,7 @@ fn describe() {
     describe_histogram!(SETTLE_LATENCY_SECONDS, Unit::Seconds, "Kafka record timestamp to settled");
     describe_histogram!(ITEM_SETTLE_SECONDS, Unit::Seconds, "Engine enqueue to settled, per item");
     describe_gauge!(PAUSED_PARTITIONS, "Partitions paused for memory pressure");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this worker");
     describe_gauge!(BYTES_IN_FLIGHT, Unit::Bytes, "Bytes held for records not yet settled");
     describe_gauge!(
         MEMORY_BUDGET,

@@ -271,11 +271,16 @@ impl Worker {
         match event {
             ConsumerEvent::Record { record, generation } => self.on_record(record, generation).await,
             ConsumerEvent::Assigned { partitions, generation } => {
-                self.stats.assigned_partitions.store(partitions.len() as u64, Ordering::Relaxed);
+                self.set_assigned_partitions(partitions.len());
                 self.assignment = (generation, partitions);
             }
             ConsumerEvent::Committed(offsets) => self.tracker.confirm(&offsets),
         }
+    }
+
+    fn set_assigned_partitions(&self, count: usize) {
+        self.stats.assigned_partitions.store(count as u64, Ordering::Relaxed);
+        metrics::gauge!(m::ASSIGNED_PARTITIONS).set(count as f64);
     }
 
     /// Revoke or loss. Records of the departing assignment not started yet are dropped
@@ -287,7 +292,7 @@ impl Worker {
         let partitions = partitions.to_vec();
         self.set_aside_queued(events_rx, &partitions, generation);
         if self.assignment.0 <= generation {
-            self.stats.assigned_partitions.store(0, Ordering::Relaxed);
+            self.set_assigned_partitions(0);
         }
         match event {
             RebalanceEvent::Revoked { reply, .. } => {
