@@ -227,8 +227,7 @@ impl Pressure {
     /// the budget headroom above the high watermark and shared by up to `partitions_hint`
     /// partitions, never below 64 KiB.
     pub fn prefetch_kbytes_per_partition(&self, partitions_hint: u64) -> u64 {
-        let headroom = self.budget_bytes.saturating_sub(self.high_bytes);
-        (headroom / partitions_hint.max(1) / 1024).max(64)
+        (self.headroom_bytes() / partitions_hint.max(1) / 1024).max(64)
     }
 
     /// librdkafka's `fetch.max.bytes`: a quarter of the headroom above the high watermark,
@@ -237,7 +236,12 @@ impl Pressure {
     /// so two responses are held at once: with half the headroom per response, a 1,000,000
     /// item run held 67 MB of them (heaptrack) beside a 128 MiB budget, outside its count.
     pub fn fetch_max_bytes(&self) -> u64 {
-        (self.budget_bytes.saturating_sub(self.high_bytes) / 4).clamp(1 << 20, 50 << 20)
+        (self.headroom_bytes() / 4).clamp(1 << 20, 50 << 20)
+    }
+
+    /// The budget above the high watermark: what librdkafka's own buffers are sized from.
+    fn headroom_bytes(&self) -> u64 {
+        self.budget_bytes.saturating_sub(self.high_bytes)
     }
 }
 
