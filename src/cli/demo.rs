@@ -7,7 +7,8 @@
 //! produced, and that every L2 entry holds what L3 holds (invariant 6).
 //!
 //! The mock broker keeps at most 5 MiB per partition (hard-coded in librdkafka) and silently
-//! drops older records, so the producer stays at most `MAX_LEAD` records ahead of the worker.
+//! drops older records, so the producer stays at most `LEAD_BYTES` ahead of the worker, and a
+//! run that stops making progress fails (`Stall`) instead of waiting forever.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -32,15 +33,57 @@ use super::progress_bar;
 const TOPIC: &str = "demo-items";
 const DLQ_TOPIC: &str = "demo-dlq";
 const PARTITIONS: i32 = 8;
-/// Records produced ahead of consumption: ~1.5 MiB per partition at 1 KiB.
-const MAX_LEAD: u64 = 12_000;
-const CHUNK: u64 = 2_000;
+/// Bytes produced ahead of the records settled: ~1.5 MiB per partition, well inside the 5 MiB
+/// the mock broker keeps, so no record is dropped before it settles. Counted in bytes: with
+/// 16 KiB items, 12,000 records ahead (the bound this replaced) was 24 MiB per partition, the
+/// broker dropped records and the demo waited for them forever.
+const LEAD_BYTES: u64 = PARTITIONS as u64 * (3 << 19);
+/// What a record costs the broker beside its content: key, headers, framing (an upper bound).
+const RECORD_OVERHEAD_BYTES: u64 = 256;
+/// Records produced at once, at most.
+const MAX_CHUNK: u64 = 2_000;
+/// How long the settled count may stand still before the demo gives up.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How many records the producer may run ahead, and how many it sends at once, for items of
+/// `item_bytes`.
+fn lead_and_chunk(item_bytes: usize) -> (u64, u64) {
+    let lead = (LEAD_BYTES / (item_bytes as u64 + RECORD_OVERHEAD_BYTES)).max(PARTITIONS as u64);
+    (lead, (lead / 6).clamp(1, MAX_CHUNK))
+}
+
+/// Fails a wait whose counter stopped moving: records the broker dropped, or a dead worker,
+/// would otherwise keep the demo waiting forever.
+struct Stall {
+    last: u64,
+    since: Instant,
+    limit: Duration,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Stall {
+        Stall { last: 0, since: Instant::now(), limit }
+    }
+
+    fn check(&mut self, count: u64, now: Instant, what: &str) -> anyhow::Result<()> {
+        if count != self.last {
+            (self.last, self.since) = (count, now);
+        }
+        anyhow::ensure!(
+            now.duration_since(self.since) < self.limit,
+            "no progress for {:?}: {count} {what}; the embedded broker keeps 5 MiB per partition and drops older records",
+            self.limit
+        );
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
     #[arg(long, default_value_t = 100_000)]
     pub items: u64,
-    #[arg(long, default_value_t = 1024)]
+    /// Content bytes per item, at most 32 KiB (the demo's worker refuses records over 64 KiB).
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=32768))]
     pub item_bytes: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -129,23 +172,37 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoSummary> {
     let bar = progress_bar(args.items, "settled", args.quiet);
     let settled =
         |stats: &WorkerStats| stats.stored.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed);
+    let (max_lead, chunk_records) = lead_and_chunk(args.item_bytes);
+    let mut stall = Stall::new(STALL_LIMIT);
     let started = Instant::now();
     let mut produced = 0;
     let mut poison_produced = 0;
-    while produced < args.items {
-        while produced.saturating_sub(stats.consumed.load(Ordering::Relaxed)) > MAX_LEAD {
+    let waited = async {
+        while produced < args.items {
+            // Settled, not consumed: a pause under memory pressure throws away records the
+            // consumer had fetched, and it fetches them again later.
+            while produced.saturating_sub(settled(&stats)) > max_lead {
+                bar.set_position(settled(&stats));
+                stall.check(settled(&stats), Instant::now(), "records settled")?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let chunk: Vec<_> = workload.by_ref().take(chunk_records as usize).collect();
+            poison_produced += chunk.iter().filter(|record| record.poison_reason.is_some()).count() as u64;
+            produced += chunk.len() as u64;
+            publish_all(&producer, chunk, 0, || {}).await?;
             bar.set_position(settled(&stats));
+        }
+        while settled(&stats) < produced && !worker_task.is_finished() {
+            bar.set_position(settled(&stats));
+            stall.check(settled(&stats), Instant::now(), "records settled")?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let chunk: Vec<_> = workload.by_ref().take(CHUNK as usize).collect();
-        poison_produced += chunk.iter().filter(|record| record.poison_reason.is_some()).count() as u64;
-        produced += chunk.len() as u64;
-        publish_all(&producer, chunk, 0, || {}).await?;
-        bar.set_position(settled(&stats));
+        anyhow::Ok(())
     }
-    while settled(&stats) < produced && !worker_task.is_finished() {
-        bar.set_position(settled(&stats));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    .await;
+    if let Err(error) = waited {
+        stop.cancel();
+        return Err(error.context(format!("the demo stopped after producing {produced} of {} items", args.items)));
     }
     let elapsed = started.elapsed().as_secs_f64();
     bar.finish();
@@ -232,4 +289,31 @@ pub async fn run_and_report(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let ok = summary.mismatches.is_empty() && summary.dead_lettered == summary.poison_produced;
     println!("{}", if ok { "PASS: every id holds its newest version" } else { "FAIL" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lead_stays_inside_what_the_broker_keeps_whatever_the_item_size() {
+        for item_bytes in [1, 1024, 16 << 10, 32 << 10] {
+            let (lead, chunk) = lead_and_chunk(item_bytes);
+            let per_partition = lead * (item_bytes as u64 + RECORD_OVERHEAD_BYTES) / PARTITIONS as u64;
+            assert!(per_partition <= 2 << 20, "{item_bytes} B items: {per_partition} B ahead per partition");
+            assert!((1..=MAX_CHUNK).contains(&chunk) && chunk < lead, "{item_bytes} B items: chunk {chunk}, lead {lead}");
+        }
+        assert_eq!(lead_and_chunk(1024).0, 9_830, "1 KiB items keep about the lead they had");
+    }
+
+    #[test]
+    fn a_count_that_stands_still_past_the_limit_fails_and_one_that_moves_does_not() {
+        let start = Instant::now();
+        let mut stall = Stall { last: 0, since: start, limit: Duration::from_secs(60) };
+        assert!(stall.check(0, start + Duration::from_secs(59), "settled").is_ok());
+        assert!(stall.check(5, start + Duration::from_secs(100), "settled").is_ok(), "progress resets the clock");
+        assert!(stall.check(5, start + Duration::from_secs(159), "settled").is_ok());
+        let error = stall.check(5, start + Duration::from_secs(160), "settled").unwrap_err().to_string();
+        assert!(error.contains("no progress for 60s: 5 settled"), "{error}");
+    }
 }
