@@ -301,7 +301,10 @@ mod tests {
             let (lead, chunk) = lead_and_chunk(item_bytes);
             let per_partition = lead * (item_bytes as u64 + RECORD_OVERHEAD_BYTES) / PARTITIONS as u64;
             assert!(per_partition <= 2 << 20, "{item_bytes} B items: {per_partition} B ahead per partition");
-            assert!((1..=MAX_CHUNK).contains(&chunk) && chunk < lead, "{item_bytes} B items: chunk {chunk}, lead {lead}");
+            assert!(
+                (1..=MAX_CHUNK).contains(&chunk) && chunk < lead,
+                "{item_bytes} B items: chunk {chunk}, lead {lead}"
+            );
         }
         assert_eq!(lead_and_chunk(1024).0, 9_830, "1 KiB items keep about the lead they had");
     }
