@@ -74,6 +74,7 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
     """Runs one worker over the topic until its group has committed `end_sum` offsets.
     Returns its figures. `produce_live` (a command) is started once the worker is up, for
     the rate-limited latency run."""
+    wait_for_innodb_quiet(mysql)
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -155,6 +156,26 @@ def drop_tables(mysql, table):
                         f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations, test.{table}_merkle, test.{table}_merkle_dirty"], capture_output=True)
 
 
+def wait_for_innodb_quiet(mysql, limit=60):
+    """Starts every measure on an idle InnoDB: the pages the previous one dirtied (and the
+    table it dropped) are written back in the background, and a measure that started during
+    that write-back would pay for its predecessor. Waits until no page is dirty and the purge
+    is done, at most `limit` seconds."""
+    if not mysql.startswith("mysql://root@127.0.0.1"):
+        return
+    started = time.time()
+    while time.time() - started < limit:
+        out = subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e",
+                              "SHOW GLOBAL STATUS WHERE Variable_name IN "
+                              "('Innodb_buffer_pool_pages_dirty', 'Innodb_history_list_length')"],
+                             capture_output=True, text=True).stdout
+        status = dict(line.split("\t") for line in out.strip().splitlines() if "\t" in line)
+        if int(status.get("Innodb_buffer_pool_pages_dirty", 0)) == 0 and int(status.get("Innodb_history_list_length", 0)) < 100:
+            break
+        time.sleep(0.5)
+    print(f"  (InnoDB quiet after {time.time() - started:.1f} s)", file=sys.stderr)
+
+
 def produce(args, brokers, topic, workload, rate=0):
     return [args.binary, "produce", "--brokers", brokers, "--topic", topic, *workload, "--quiet",
             *(["--rate", str(int(rate))] if rate else [])]
@@ -186,6 +207,7 @@ def main():
     l3_rates = {}
     for method in ["naive", "parallel", "load-data", "library"]:
         print(f"measuring L3 by {method}", file=sys.stderr)
+        wait_for_innodb_quiet(mysql)
         out = sh(args.binary, "ceiling", "--sql-url", mysql, "--method", method, "--table", f"ceiling_{run_id}", *workload)
         l3_rates[method] = float(re.search(r"rows_per_sec=(\d+)", out).group(1))
     best_raw_method = max(["naive", "parallel", "load-data"], key=lambda m: l3_rates[m])
