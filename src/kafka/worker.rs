@@ -190,8 +190,7 @@ pub async fn run(
     // Leave the group only now: the final commit above needed the membership.
     let _ = commands_tx.send(ConsumerCommand::Stop);
     worker.dlq.flush(deadline.saturating_duration_since(Instant::now()));
-    let joined = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || thread.join())).await;
-    if joined.is_err() {
+    if !consumer_thread_ended_by(thread, deadline).await {
         tracing::warn!("the consumer did not leave the group within the grace period");
     }
     if clean {
@@ -621,6 +620,22 @@ impl Worker {
     }
 }
 
+/// Waits, until `deadline`, for the consumer thread to end (it leaves the group as it drops
+/// the consumer, which may block); true if it did. It looks every 20 ms rather than joining on
+/// a blocking task: a runtime waits for its blocking tasks when it is dropped, so a consumer
+/// whose close never completes would otherwise keep the process alive past the grace period.
+/// A thread still running is left behind; the process's exit ends it.
+async fn consumer_thread_ended_by(thread: std::thread::JoinHandle<()>, deadline: Instant) -> bool {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = thread.join();
+    true
+}
+
 #[cfg(test)]
 mod tests {
     //! The worker's bookkeeping driven with hand-made consumer events: a real in-memory
@@ -875,5 +890,33 @@ mod tests {
         worker.on_late_rejection(LateRejection { item, reason: "too large".into() });
         assert_eq!(worker.inflight.len(), 1);
         assert_eq!(worker.bytes_in_flight.load(Ordering::SeqCst), record.size_bytes() as u64);
+    }
+
+    /// A consumer whose close never completes (librdkafka's close waits on the group
+    /// coordinator, and rdkafka's drop polls until it does) must not hold the process after the
+    /// grace period: a runtime waits for its blocking tasks when it is dropped, so the wait
+    /// must not be one. Seen in `tests/chaos_kafka.rs`: the test had finished, its broker was
+    /// gone, and the test binary hung in the runtime's drop on the consumer thread's join.
+    #[test]
+    fn a_consumer_thread_stuck_past_the_deadline_does_not_hold_the_runtime_open() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let stuck = std::thread::spawn(|| std::thread::sleep(Duration::from_secs(5)));
+        let ended = runtime
+            .block_on(async { consumer_thread_ended_by(stuck, Instant::now() + Duration::from_millis(100)).await });
+        assert!(!ended, "the thread is still running at the deadline");
+        let dropping = std::time::Instant::now();
+        drop(runtime);
+        assert!(
+            dropping.elapsed() < Duration::from_secs(1),
+            "the runtime waited {:?} for the thread",
+            dropping.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_consumer_thread_that_ends_in_time_is_reported_as_ended() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let quick = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(50)));
+        assert!(runtime.block_on(consumer_thread_ended_by(quick, Instant::now() + Duration::from_secs(5))));
     }
 }
