@@ -11,6 +11,7 @@ mod redis_standalone;
 pub mod sql;
 pub mod sql_merkle;
 mod sql_mysql;
+mod sql_reads;
 mod sql_sqlite;
 mod traits;
 

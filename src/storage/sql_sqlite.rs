@@ -11,8 +11,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{ConnectOptions, Row};
 
 use crate::item::{now_ms, SyncItem};
-use crate::storage::sql::{self, chunks, classify, HeldRows, Selection, ASSIGNED, COLUMNS, COLUMN_COUNT};
-use crate::storage::{sql_merkle, RowSummary, StoreError, Stored};
+use crate::storage::sql::{self, chunks, classify, HeldRows, ASSIGNED, COLUMNS, COLUMN_COUNT};
+use crate::storage::{sql_merkle, StoreError};
 
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
@@ -240,137 +240,11 @@ impl SqliteStore {
         transaction.commit().await.map_err(classify)?;
         Ok(held)
     }
+}
 
-    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StoreError> {
-        let statement = format!(
-            "SELECT id, version, content, content_type, origin_topic, origin_partition, origin_offset, state \
-             FROM {} WHERE id = ?",
-            self.table
-        );
-        let row = sqlx::query(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
-        row.map(|row| sql::item_from_row(&row, row.try_get::<i64, _>("version").map_err(classify)? as u64)).transpose()
-    }
+super::sql_reads::sql_reads!(SqliteStore, sqlx::Sqlite, unsigned, NOW_MS);
 
-    /// The rows of these ids (one statement; ids may repeat), with their hashes.
-    pub async fn stored_in(&self, ids: &[&str]) -> Result<Vec<Stored>, StoreError> {
-        let statement = sql::stored_items_sql(&self.table, ids.len());
-        let mut query = sqlx::query(&statement);
-        for id in ids {
-            query = query.bind(id.as_bytes());
-        }
-        self.read_statements.fetch_add(1, Ordering::Relaxed);
-        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| sql::stored_from_row(row, row.try_get::<i64, _>("version").map_err(classify)? as u64))
-            .collect()
-    }
-
-    /// `Some(true)` for a live row, `Some(false)` for a tombstone, `None` for no row.
-    pub async fn live(&self, id: &str) -> Result<Option<bool>, StoreError> {
-        let statement = format!("SELECT deleted FROM {} WHERE id = ?", self.table);
-        self.read_statements.fetch_add(1, Ordering::Relaxed);
-        let deleted: Option<bool> =
-            sqlx::query_scalar(&statement).bind(id.as_bytes()).fetch_optional(&self.pool).await.map_err(classify)?;
-        Ok(deleted.map(|deleted| !deleted))
-    }
-
-    /// A selection's query with its values, the `after` id and the limit bound.
-    fn bind_scan<'q>(
-        statement: &'q str,
-        selection: &Selection,
-        after: &'q str,
-        limit: i64,
-    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
-        let mut query = sqlx::query(statement);
-        for value in selection.condition().1 {
-            query = query.bind(value);
-        }
-        query.bind(after.as_bytes()).bind(limit)
-    }
-
-    pub async fn scan(&self, selection: &Selection<'_>, after: &str, limit: i64) -> Result<Vec<SyncItem>, StoreError> {
-        let statement = sql::scan_sql(&self.table, selection, false);
-        let rows =
-            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| sql::item_from_row(row, row.try_get::<i64, _>("version").map_err(classify)? as u64))
-            .collect()
-    }
-
-    pub async fn scan_ids(
-        &self,
-        selection: &Selection<'_>,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<String>, StoreError> {
-        let statement = sql::scan_sql(&self.table, selection, true);
-        let rows =
-            Self::bind_scan(&statement, selection, after, limit).fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                let id: Vec<u8> = row.try_get("id").map_err(classify)?;
-                Ok(String::from_utf8_lossy(&id).into_owned())
-            })
-            .collect()
-    }
-
-    /// Every id (tombstones included) above `after`, by id, at most `limit`.
-    pub async fn ids_after(&self, after: &[u8], limit: i64) -> Result<Vec<Vec<u8>>, StoreError> {
-        let statement = format!("SELECT id FROM {} WHERE id > ? ORDER BY id LIMIT ?", self.table);
-        sqlx::query_scalar(&statement).bind(after).bind(limit).fetch_all(&self.pool).await.map_err(classify)
-    }
-
-    /// The clock `created_at_ms` is stamped with.
-    pub async fn db_now_ms(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar(&format!("SELECT {NOW_MS}")).fetch_one(&self.pool).await.map_err(classify)
-    }
-
-    /// See `SqlStore::ids_created_since`: the key to continue after is `(from, after_id)`.
-    pub async fn ids_created_since(
-        &self,
-        since: i64,
-        from: i64,
-        after_id: &[u8],
-        limit: i64,
-    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let statement = sql::ids_created_since_sql(&self.table);
-        sqlx::query_as(&statement)
-            .bind(since)
-            .bind(from)
-            .bind(from)
-            .bind(after_id)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)
-    }
-
-    pub async fn count(&self, selection: &Selection<'_>) -> Result<u64, StoreError> {
-        let statement = sql::count_sql(&self.table, selection);
-        let mut query = sqlx::query_scalar(&statement);
-        for value in selection.condition().1 {
-            query = query.bind(value);
-        }
-        let count: i64 = query.fetch_one(&self.pool).await.map_err(classify)?;
-        Ok(count.max(0) as u64)
-    }
-
-    pub async fn summaries(&self) -> Result<Vec<RowSummary>, StoreError> {
-        let statement =
-            format!("SELECT id, version, content_hash, deleted, updated_at_ms FROM {} ORDER BY id", self.table);
-        let rows = sqlx::query(&statement).fetch_all(&self.pool).await.map_err(classify)?;
-        rows.iter()
-            .map(|row| {
-                sql::summary_from_row(
-                    row,
-                    row.try_get::<i64, _>("version").map_err(classify)? as u64,
-                    row.try_get::<i64, _>("updated_at_ms").map_err(classify)? as u64,
-                )
-            })
-            .collect()
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
+/// An unsigned column (a version, a time in ms) of a row read here: SQLite stores it signed.
+fn unsigned(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<u64, StoreError> {
+    Ok(row.try_get::<i64, _>(column).map_err(classify)? as u64)
 }
