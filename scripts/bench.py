@@ -117,10 +117,9 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
         done = time.time()
         text = metrics(port)
         # The merkle tree trails the rows by the marks not drained yet: how long until it is current.
-        if mysql.startswith("mysql://root@127.0.0.1") and os.environ.get("SYNC_MERKLE", "1") not in ("0", "false", "off", "no"):
+        if is_local_mariadb(mysql) and os.environ.get("SYNC_MERKLE", "1") not in ("0", "false", "off", "no"):
             while time.time() < deadline:
-                pending = subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e", f"SELECT COUNT(*) FROM test.{table}_merkle_dirty"],
-                                         capture_output=True, text=True).stdout.strip()
+                pending = local_mariadb(f"SELECT COUNT(*) FROM test.{table}_merkle_dirty").strip()
                 if pending == "0":
                     merkle_lag = time.time() - done
                     break
@@ -149,28 +148,44 @@ def run_worker(args, brokers, mysql, topic, group, table, redis_urls, end_sum, r
     }
 
 
+def is_local_mariadb(mysql):
+    """Whether the bench's MariaDB is the local one scripts/services.sh runs, which the
+    `mariadb` client reaches as root (the checks below need no password)."""
+    return mysql.startswith("mysql://root@127.0.0.1")
+
+
+def local_mariadb(statement):
+    """Runs one statement through the `mariadb` client; its output, tab-separated, no header."""
+    return subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e", statement], capture_output=True, text=True).stdout
+
+
 def drop_tables(mysql, table):
     """Leave the database as we found it: a leftover 200 MB table slows every later run."""
-    if mysql.startswith("mysql://root@127.0.0.1"):
-        subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-e",
-                        f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations, test.{table}_merkle, test.{table}_merkle_dirty"], capture_output=True)
+    if is_local_mariadb(mysql):
+        local_mariadb(f"DROP TABLE IF EXISTS test.{table}, test.{table}_migrations, test.{table}_merkle, test.{table}_merkle_dirty")
 
 
 def wait_for_innodb_quiet(mysql, limit=60):
     """Starts every measure on an idle InnoDB: the pages the previous one dirtied (and the
     table it dropped) are written back in the background, and a measure that started during
-    that write-back would pay for its predecessor. Waits until no page is dirty and the purge
-    is done, at most `limit` seconds."""
-    if not mysql.startswith("mysql://root@127.0.0.1"):
+    that write-back would pay for its predecessor. Waits, at most `limit` seconds, until the
+    purge is done and either at most 5 % of the buffer pool is dirty or InnoDB has written no
+    page for 2 s (its page cleaner wakes once a second; an idle InnoDB may keep a few hundred
+    dirty pages for good)."""
+    if not is_local_mariadb(mysql):
         return
     started = time.time()
+    flushed_before, flushed_since = None, started
     while time.time() - started < limit:
-        out = subprocess.run(["mariadb", "-uroot", "-h127.0.0.1", "-N", "-e",
-                              "SHOW GLOBAL STATUS WHERE Variable_name IN "
-                              "('Innodb_buffer_pool_pages_dirty', 'Innodb_history_list_length')"],
-                             capture_output=True, text=True).stdout
-        status = dict(line.split("\t") for line in out.strip().splitlines() if "\t" in line)
-        if int(status.get("Innodb_buffer_pool_pages_dirty", 0)) == 0 and int(status.get("Innodb_history_list_length", 0)) < 100:
+        out = local_mariadb("SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_buffer_pool_pages_flushed', "
+                            "'Innodb_buffer_pool_pages_dirty', 'Innodb_buffer_pool_pages_total', 'Innodb_history_list_length')")
+        status = {name: int(value) for name, value in (line.split("\t") for line in out.strip().splitlines() if "\t" in line)}
+        flushed = status.get("Innodb_buffer_pool_pages_flushed", 0)
+        if flushed != flushed_before:
+            flushed_before, flushed_since = flushed, time.time()
+        few_dirty = status.get("Innodb_buffer_pool_pages_dirty", 0) * 20 <= status.get("Innodb_buffer_pool_pages_total", 0)
+        writing_stopped = time.time() - flushed_since >= 2
+        if (few_dirty or writing_stopped) and status.get("Innodb_history_list_length", 0) < 100:
             break
         time.sleep(0.5)
     print(f"  (InnoDB quiet after {time.time() - started:.1f} s)", file=sys.stderr)
