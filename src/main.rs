@@ -20,6 +20,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// worker's peak RSS must stay within its budget + L1 + 64 MiB, and with the delay it ran
 /// 10-20 MiB higher (the L2 + L3 run of `scripts/bench.sh`: 218 vs 206 MiB) for no measured
 /// speed.
+///
 /// An operator's own `MIMALLOC_PURGE_DELAY` (mimalloc reads its options from the environment)
 /// is left to win.
 fn return_freed_memory_promptly() {
